@@ -1,0 +1,9 @@
+"""Pallas kernels for low-precision matmuls, and the packed-code layout they read.
+
+Depends on jax and numpy only: kernels take raw arrays (packed codes, scales, codebooks) and
+static layout parameters, so any JAX codebase can call them. ``packing`` defines the layout.
+"""
+
+from pallas_kernels.packing import pack, packed_length, unpack
+
+__all__ = ["pack", "packed_length", "unpack"]
