@@ -114,5 +114,5 @@ def lsq_init_scale(x: jax.Array, fmt, scaling: scaling_lib.Scaling | None = None
     x = check_input(x)
     view_shape, reduce_axes = scaling.block_view(x.shape)
     xv = jnp.abs(x.astype(jnp.float32).reshape(view_shape))
-    s = 2 * jnp.mean(xv, axis=reduce_axes) / fmt.max_value**0.5
+    s = 2 * jnp.mean(xv, axis=reduce_axes) * scaling_lib.reciprocal(fmt.max_value**0.5)
     return jnp.maximum(s, jnp.finfo(jnp.float32).tiny).reshape(scaling.scale_shape(x.shape))

@@ -36,6 +36,30 @@ def check_rounding(rounding: str, key: jax.Array | None) -> None:
         raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(...).")
 
 
+def take(table, idx: jax.Array) -> jax.Array:
+    """``table[idx]`` for a small constant table; the result keeps ``idx``'s sharding, also on
+    meshes with explicit axes (where plain indexing cannot infer it)."""
+    return jnp.asarray(table).at[idx].get(out_sharding=jax.typeof(idx).sharding)
+
+
+def count_below(sorted_values, y: jax.Array, *, inclusive: bool = False) -> jax.Array:
+    """int32: how many of ``sorted_values`` are ``< y`` (``<= y`` if inclusive), elementwise.
+
+    ``jnp.searchsorted`` by a branch-free binary search of ``ceil(log2(n + 1))`` elementwise
+    steps, each a ``take`` from the table, so it shards like ``y``.
+    """
+    v = np.asarray(sorted_values, np.float32)
+    steps = max(1, math.ceil(math.log2(v.size + 1)))
+    padded = np.full(2**steps, np.inf, np.float32)  # padded[i] = v[i - 1], padded[0] unused
+    padded[1 : v.size + 1] = v
+    pos = jnp.zeros(y.shape, jnp.int32)
+    for k in reversed(range(steps)):
+        cand = pos + 2**k
+        below = take(padded, cand)
+        pos = jnp.where(below <= y if inclusive else below < y, cand, pos)
+    return pos
+
+
 class Format(abc.ABC):
     """Base class of element formats (frozen dataclasses, hashable, static under jit)."""
 
@@ -76,7 +100,7 @@ class Format(abc.ABC):
 
     def decode(self, codes: jax.Array) -> jax.Array:
         """f32 values of ``codes`` (any integer dtype), by table lookup."""
-        return jnp.asarray(self.table(), jnp.float32)[codes.astype(jnp.int32)]
+        return take(self.table().astype(np.float32), codes.astype(jnp.int32))
 
     def quantize_values(
         self, y: jax.Array, rounding: Rounding = "nearest", key: jax.Array | None = None
@@ -289,12 +313,11 @@ class LookupFormat(Format):
         y = jnp.asarray(y, jnp.float32)
         vals = np.asarray(self.values)
         if rounding == "nearest":
-            midpoints = jnp.asarray((vals[1:] + vals[:-1]) / 2, jnp.float32)
-            return jnp.searchsorted(midpoints, y, side="left").astype(jnp.uint8)
-        table = jnp.asarray(vals, jnp.float32)
+            return count_below((vals[1:] + vals[:-1]) / 2, y).astype(jnp.uint8)
+        table = vals.astype(np.float32)
         yc = jnp.clip(y, vals[0], vals[-1])
-        lo = jnp.clip(jnp.searchsorted(table, yc, side="right") - 1, 0, len(vals) - 2)
-        p_up = (yc - table[lo]) / (table[lo + 1] - table[lo])
+        lo = jnp.clip(count_below(table, yc, inclusive=True) - 1, 0, len(vals) - 2)
+        p_up = (yc - take(table, lo)) / take(np.diff(table), lo)
         up = jax.random.uniform(key, y.shape, jnp.float32) < p_up
         return (lo + up).astype(jnp.uint8)
 

@@ -122,7 +122,7 @@ def check_input(x, name: str = "x") -> jax.Array:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}.")
     if not isinstance(x, jax.core.Tracer) and x.size:
-        bad = int(jnp.size(x) - jnp.sum(jnp.isfinite(x)))
+        bad = int(np.sum(~np.isfinite(np.asarray(x, np.float32))))
         if bad:
             raise ValueError(f"{name}: {bad} NaN/Inf value(s) in an array of shape {x.shape}.")
     return x

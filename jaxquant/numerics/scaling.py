@@ -18,6 +18,7 @@ Dequantization (``v = format.decode(code)``, broadcast over blocks):
   zero point      x ≈ (v − z) · s,              s = (hi − lo) / (max − min),  z = round(−lo / s)
   split sign      x ≈ v · (s₋ if v < 0 else s₊), s₋ = −lo / −format.min_value, s₊ = hi / max
   tensor scale    s = stored(s / t) · t,        t = max over blocks of s / scale_dtype_max
+  E8M0 scales     s = 2**(floor(log2(amax)) − floor(log2(format.max_value)))   (OCP MX v1.0)
 Split-sign scales are AFPQ's separate scales for the negative and positive halves of a block
 (Zhang et al., "AFPQ", arXiv:2311.01792, Sec. 3).
 """
@@ -29,6 +30,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxquant.numerics import formats as formats_lib
 
@@ -170,20 +172,39 @@ def scale_dtype_max(scaling: Scaling) -> float:
     return _SCALE_DTYPE_MAX[scaling.scale_dtype]
 
 
-def encode_scale(s: jax.Array, fmt: formats_lib.Format, scaling: Scaling) -> jax.Array:
-    """Rounds positive f32 scales to the stored dtype (E4M3 saturates, E8M0 follows OCP MX)."""
+def reciprocal(c) -> np.ndarray:
+    """``1 / c`` as an f32 constant. Scales multiply by it instead of dividing by ``c``: XLA
+    rewrites divisions by constants (and by broadcast scalars) into such multiplications under
+    jit and vmap but not eagerly, so dividing would make the last bit depend on how one runs."""
+    return np.float32(1.0) / np.asarray(c, np.float32)
+
+
+def encode_scale(
+    extent: jax.Array, grid_extent, scaling: Scaling, tensor_scale: jax.Array | None = None
+) -> jax.Array:
+    """Stored scales ``extent / grid_extent / tensor_scale`` rounded to the scale dtype.
+
+    ``extent`` is the block's range (amax, or ``hi - lo`` with a zero point) and ``grid_extent``
+    the format's. A zero extent (an all-zero block, where any scale is exact) stores 1. E4M3
+    rounds to nearest and saturates; E8M0 is the OCP MX rule
+    ``2**(floor(log2(amax)) - emax_elem)``, computed exactly from the exponents.
+    """
+    extent = extent.astype(jnp.float32)
+    if tensor_scale is not None:
+        extent = extent / tensor_scale
+    if scaling.scale_dtype == "e8m0":
+        emax_elem = np.floor(np.log2(np.asarray(grid_extent, np.float64))).astype(np.int32)
+        _, e = jnp.frexp(extent)  # floor(log2(a)) = e - 1, exactly
+        exponent = jnp.where(extent > 0, jnp.clip(e - 1 - emax_elem, -127, 127), 0)
+        return (exponent + 127).astype(jnp.uint8)
+    s = extent * reciprocal(grid_extent)
+    s = jnp.where(s > 0, s, 1.0)
     if scaling.scale_dtype == "float32":
-        return s.astype(jnp.float32)
+        return s
     if scaling.scale_dtype == "bfloat16":
         return s.astype(jnp.bfloat16)
-    if scaling.scale_dtype == "e4m3":
-        q = formats_lib.E4M3.round(s)
-        return jnp.maximum(q, _E4M3_MIN_SUBNORMAL).astype(jnp.float8_e4m3fn)
-    # E8M0: X = 2**(floor(log2(amax)) - emax_elem), amax = s * max_value (OCP MX v1.0, 6.3).
-    emax_elem = math.floor(math.log2(fmt.max_value))
-    _, e = jnp.frexp(s * fmt.max_value)  # floor(log2(a)) = e - 1, exactly
-    exponent = jnp.clip(e - 1 - emax_elem, -127, 127)
-    return (exponent + 127).astype(jnp.uint8)
+    q = formats_lib.E4M3.round(s)
+    return jnp.maximum(q, _E4M3_MIN_SUBNORMAL).astype(jnp.float8_e4m3fn)
 
 
 def decode_scale(stored: jax.Array, scaling: Scaling) -> jax.Array:
@@ -217,20 +238,20 @@ def scales_from_range(
     lo = jnp.minimum(lo.astype(jnp.float32), 0.0)
     hi = jnp.maximum(hi.astype(jnp.float32), 0.0)
     if scaling.zero_point:
-        raw = (hi - lo) / (fmt.max_value - fmt.min_value)
+        extent, grid_extent = hi - lo, fmt.max_value - fmt.min_value
     elif scaling.split_sign:
-        raw = jnp.stack([lo / fmt.min_value, hi / fmt.max_value])
+        extent = jnp.stack([-lo, hi])
+        grid_extent = np.array([-fmt.min_value, fmt.max_value]).reshape((2,) + (1,) * lo.ndim)
     else:
-        raw = jnp.maximum(-lo, hi) / fmt.max_value
+        extent, grid_extent = jnp.maximum(-lo, hi), fmt.max_value
     t = None
     if scaling.tensor_scale:
         if tensor_scale is None:
-            tensor_scale = jnp.max(raw) / scale_dtype_max(scaling)
+            peak = jnp.max(extent * reciprocal(grid_extent))
+            tensor_scale = peak * reciprocal(scale_dtype_max(scaling))
             tensor_scale = jnp.where(tensor_scale > 0, tensor_scale, 1.0)
         t = jnp.asarray(tensor_scale, jnp.float32)
-        raw = raw / t
-    raw = jnp.where(raw > 0, raw, 1.0)  # an all-zero block: any scale is exact
-    stored = encode_scale(raw, fmt, scaling)
+    stored = encode_scale(extent, grid_extent, scaling, t)
     zero = None
     if scaling.zero_point:
         s = decode_scale(stored, scaling) * (1.0 if t is None else t)

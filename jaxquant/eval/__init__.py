@@ -1,0 +1,1 @@
+"""jaxquant.eval: measurement (rate-distortion against the Shannon bound; more to come)."""
