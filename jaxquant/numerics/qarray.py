@@ -136,6 +136,7 @@ def quantize(
     calibration: str | calibration_lib.Calibration = "absmax",
     rounding: formats_lib.Rounding = "nearest",
     key: jax.Array | None = None,
+    scale: jax.Array | None = None,
 ) -> QArray:
     """Quantizes ``x`` to a QArray.
 
@@ -152,6 +153,8 @@ def quantize(
       calibration: ``'absmax'``, ``'mse'``, ``'percentile'`` or a ``Calibration``.
       rounding: ``'nearest'`` (ties to even) or ``'stochastic'`` (unbiased; needs ``key``).
       key: PRNG key for stochastic rounding.
+      scale: f32 scales of shape ``scaling.scale_shape(x.shape)`` to use instead of calibrating
+        (a scale learned by LSQ); symmetric f32-scale scalings only.
 
     Returns:
       A QArray with ``dequantize()`` of ``x.shape`` and ``x.dtype``.
@@ -169,8 +172,11 @@ def quantize(
         raise ValueError("quantize x: expected an array with at least one axis, got a scalar.")
     view_shape, reduce_axes = scaling.block_view(x.shape)
     xv = x.astype(jnp.float32).reshape(view_shape)
-    lo, hi, t = calibration_lib.calibrate(xv, reduce_axes, fmt, scaling, calibration)
-    stored = scaling_lib.scales_from_range(lo, hi, fmt, scaling, t)
+    if scale is None:
+        lo, hi, t = calibration_lib.calibrate(xv, reduce_axes, fmt, scaling, calibration)
+        stored = scaling_lib.scales_from_range(lo, hi, fmt, scaling, t)
+    else:
+        stored = _given_scale(scale, x.shape, scaling, view_shape, reduce_axes)
     s = scaling_lib.effective_scale(stored, scaling)
     y = scaling_lib.divide(xv, s, stored.zero, scaling)
     codes = fmt.quantize_values(y, rounding, key).reshape(x.shape)
@@ -186,3 +192,17 @@ def quantize(
         zero=zero,
         tensor_scale=stored.tensor_scale,
     )
+
+
+def _given_scale(scale, shape, scaling, view_shape, reduce_axes) -> scaling_lib.StoredScales:
+    if scaling.zero_point or scaling.split_sign or scaling.tensor_scale:
+        raise ValueError("quantize scale=: supported for symmetric scalings only.")
+    if scaling.scale_dtype != "float32":
+        raise ValueError(
+            f"quantize scale=: needs scale_dtype='float32', got {scaling.scale_dtype!r}."
+        )
+    expected = scaling.scale_shape(shape)
+    if tuple(scale.shape) != expected:
+        raise ValueError(f"quantize scale: expected shape {expected}, got {tuple(scale.shape)}.")
+    s = scaling_lib.broadcastable(scale.astype(jnp.float32), view_shape, reduce_axes, False)
+    return scaling_lib.StoredScales(s, None, None)

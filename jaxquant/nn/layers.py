@@ -1,0 +1,235 @@
+"""QDense, QDenseGeneral, QEinsum, QEmbed: Flax Linen layers with a quantization config.
+
+Each subclasses the Linen layer of the same name, so arguments, param names, shapes and
+initializers are the same (a float checkpoint loads as is), and adds two fields:
+
+  quant: a ``QuantConfig`` (mode and rules; None is float);
+  role:  ``'linear'``, or ``'head'`` for an output projection (rules skip heads and
+         embeddings unless they name those roles).
+
+The computation is written once, as functions of a module (``dense_general``, ``einsum``), so
+``intercept`` runs the same code for plain ``nn.Dense``/``nn.DenseGeneral``/``nn.Einsum``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+from flax.linen import meta
+
+from jaxquant.nn import ops
+from jaxquant.nn.rules import QuantConfig, layer_path
+from jaxquant.numerics import QArray
+
+_FLOAT = QuantConfig()
+
+
+def _tuple(x) -> tuple:
+    return tuple(x) if isinstance(x, Sequence) else (x,)
+
+
+def _promote(module, inputs, kernel, bias):
+    """Flax's dtype promotion, with a QArray kernel passed through (dequantized later)."""
+    if isinstance(kernel, QArray):
+        inputs, bias = module.promote_dtype(inputs, bias, dtype=module.dtype)
+        return inputs, kernel, bias
+    return module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
+
+
+def _base_dot_general(module):
+    if getattr(module, "dot_general_cls", None) is not None:
+        return module.dot_general_cls()
+    return getattr(module, "dot_general", None)
+
+
+def dense_general(module, inputs, config: QuantConfig, role: str = "linear"):
+    """``nn.DenseGeneral.__call__`` (and ``nn.Dense``'s) with quantization per ``config``."""
+    features = _tuple(module.features)
+    axis = _tuple(getattr(module, "axis", -1))
+    batch_dims = _tuple(getattr(module, "batch_dims", ()))
+    if batch_dims and set(batch_dims) != set(range(max(batch_dims) + 1)):
+        raise ValueError(f"batch_dims {batch_dims} must be consecutive leading dimensions.")
+    ndim = inputs.ndim
+    axis = tuple(sorted(a % ndim for a in axis))
+    batch_dims = tuple(sorted(a % ndim for a in batch_dims))
+    n_batch, n_axis, n_features = len(batch_dims), len(axis), len(features)
+
+    def kernel_init_wrap(rng, shape, dtype=jnp.float32):
+        # As Flax: initialize the kernel as a 2-D matrix, so fan-in/fan-out are the same.
+        flat = (
+            int(np.prod(shape[:n_batch]) * np.prod(shape[n_batch : n_batch + n_axis])),
+            int(np.prod(shape[-n_features:])),
+        )
+        kernel = module.kernel_init(rng, flat, dtype)
+        if isinstance(kernel, meta.AxisMetadata):
+            return meta.replace_boxed(kernel, jnp.reshape(kernel.unbox(), shape))
+        return jnp.reshape(kernel, shape)
+
+    batch_shape = tuple(inputs.shape[a] for a in batch_dims)
+    kernel_shape = batch_shape + tuple(inputs.shape[a] for a in axis) + features
+    contract_ind = tuple(range(n_batch, n_batch + n_axis))
+    rule = config.match(layer_path(module), role)
+    kernel = ops.layer_weight(
+        module,
+        "kernel",
+        kernel_init_wrap,
+        kernel_shape,
+        module.param_dtype,
+        contract_ind,
+        config,
+        rule,
+    )
+    bias = None
+    if module.use_bias:
+
+        def bias_init_wrap(rng, shape, dtype=jnp.float32):
+            flat = (int(np.prod(shape[:n_batch]) * np.prod(shape[-n_features:])),)
+            bias = module.bias_init(rng, flat, dtype)
+            if isinstance(bias, meta.AxisMetadata):
+                return meta.replace_boxed(bias, jnp.reshape(bias.unbox(), shape))
+            return jnp.reshape(bias, shape)
+
+        bias = module.param("bias", bias_init_wrap, batch_shape + features, module.param_dtype)
+    inputs, kernel, bias = _promote(module, inputs, kernel, bias)
+    dot_general = ops.quant_dot_general(module, config, rule, _base_dot_general(module))
+    out = dot_general(
+        inputs,
+        kernel,
+        ((axis, contract_ind), (batch_dims, tuple(range(n_batch)))),
+        precision=module.precision,
+    )
+    if bias is not None:
+        expanded = tuple(
+            inputs.shape[a] if a in batch_dims else 1 for a in range(ndim) if a not in axis
+        )
+        out = out + jnp.reshape(bias, expanded + features)
+    return out
+
+
+def einsum_contracting(einsum_str: str) -> tuple[int, ...]:
+    """The kernel axes an ``'lhs,rhs->out'`` einsum sums over (in rhs and lhs, not in out)."""
+    lhs, rest = einsum_str.split(",")
+    rhs, out = rest.split("->")
+    if "." in rhs:
+        raise ValueError(f"einsum_str={einsum_str!r}: ellipsis in the kernel is not supported.")
+    return tuple(i for i, c in enumerate(rhs) if c in lhs and c not in out)
+
+
+def einsum(module, inputs, einsum_str, config: QuantConfig, role: str = "linear"):
+    """``nn.Einsum.__call__`` with quantization per ``config``."""
+    einsum_str = nn.module.merge_param("einsum_str", module.einsum_str, einsum_str)
+    einsum_str = einsum_str.replace(" ", "")
+    if "->" not in einsum_str:
+        raise ValueError('`einsum_str` equation must be explicit and include "->".')
+    if einsum_str.count(",") != 1:
+        raise ValueError(
+            "`einsum_str` equation must have exactly two operands and therefore, exactly one "
+            f"comma character, instead of {einsum_str.count(',')}"
+        )
+    rule = config.match(layer_path(module), role)
+    kernel = ops.layer_weight(
+        module,
+        "kernel",
+        module.kernel_init,
+        tuple(module.shape),
+        module.param_dtype,
+        einsum_contracting(einsum_str),
+        config,
+        rule,
+    )
+    if isinstance(kernel, QArray):  # jnp.einsum takes arrays: dequantize, then contract
+        kernel = kernel.dequantize(module.param_dtype)
+    bias = None
+    if module.use_bias:
+        bias_shape, broadcast_shape = nn.Einsum._get_bias_shape(module, einsum_str, inputs, kernel)
+        bias = module.param("bias", module.bias_init, bias_shape, module.param_dtype)
+    inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
+    y = jnp.einsum(
+        einsum_str,
+        inputs,
+        kernel,
+        precision=module.precision,
+        preferred_element_type=module.preferred_element_type,
+        _dot_general=ops.quant_dot_general(module, config, rule),
+    )
+    if bias is not None:
+        y = y + jnp.reshape(bias, broadcast_shape)
+    return y
+
+
+class QDenseGeneral(nn.DenseGeneral):
+    """``nn.DenseGeneral`` with a quantization config (see the module docstring)."""
+
+    quant: QuantConfig | None = None
+    role: str = "linear"
+
+    @nn.compact
+    def __call__(self, inputs):
+        return dense_general(self, inputs, self.quant or _FLOAT, self.role)
+
+
+class QDense(nn.Dense):
+    """``nn.Dense`` with a quantization config (see the module docstring)."""
+
+    quant: QuantConfig | None = None
+    role: str = "linear"
+
+    @nn.compact
+    def __call__(self, inputs):
+        return dense_general(self, inputs, self.quant or _FLOAT, self.role)
+
+
+class QEinsum(nn.Einsum):
+    """``nn.Einsum`` with a quantization config (see the module docstring)."""
+
+    quant: QuantConfig | None = None
+    role: str = "linear"
+
+    @nn.compact
+    def __call__(self, inputs, einsum_str: str | None = None):
+        return einsum(self, inputs, einsum_str, self.quant or _FLOAT, self.role)
+
+
+class QEmbed(nn.Embed):
+    """``nn.Embed`` with a quantization config; its role is ``'embedding'``.
+
+    The table is quantized with scales shared along the feature axis (one scale, or one per
+    group, per row), which serves both the lookup and ``attend`` (a tied output head).
+    """
+
+    quant: QuantConfig | None = None
+
+    def setup(self):
+        config = self.quant or _FLOAT
+        rule = config.match(layer_path(self), "embedding")
+        self.embedding = ops.layer_weight(
+            self,
+            "embedding",
+            self.embedding_init,
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+            (1,),
+            config,
+            rule,
+        )
+
+    def _table(self):
+        table = self.embedding
+        if isinstance(table, QArray):
+            table = table.dequantize(self.param_dtype)
+        return table
+
+    def __call__(self, inputs):
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError("Input type must be an integer or unsigned integer.")
+        (table,) = self.promote_dtype(self._table(), dtype=self.dtype, inexact=False)
+        if self.num_embeddings == 1:
+            return jnp.broadcast_to(table, inputs.shape + (self.features,))
+        return jnp.take(table, inputs, axis=0)
+
+    def attend(self, query):
+        query, table = self.promote_dtype(query, self._table(), dtype=self.dtype)
+        return jnp.dot(query, table.T)

@@ -1,0 +1,147 @@
+"""The quantized operations every layer shares: weights per mode, and a quantized dot_general.
+
+A layer (ours, or a plain Flax one under ``intercept``) gets its weight with ``layer_weight``
+and contracts through ``quant_dot_general``, which has the exact ``lax.dot_general`` signature
+(so it plugs into ``jnp.einsum(_dot_general=...)`` and Flax's ``Dense(dot_general=...)``).
+
+Variables a quantized layer may own (besides Flax's own params):
+  'params'/<weight>_scale    LSQ's learned weight scale (QAT with ``lsq=True``).
+  'params'/input_scale       LSQ's learned activation scale.
+  'qstats'/hessian           f32 [K, K], ``sum x xᵀ`` over calibration rows (K = contracted size).
+  'qstats'/count             f32 [], rows seen.
+  'qstats'/absmax            f32 [], the largest input magnitude seen.
+  'quant'/<weight>           the frozen QArray (freeze writes it, serve reads it).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxquant.nn.rules import QuantConfig, QuantRule, TensorQuant
+from jaxquant.numerics import QArray, fake_quant, lsq_init_scale, quantize
+
+
+def _need_mutable(module, collection: str, mode: str):
+    if not module.is_mutable_collection(collection):
+        raise ValueError(
+            f"mode={mode!r} writes the {collection!r} collection: apply with "
+            f"mutable=[{collection!r}] (layer {'/'.join(map(str, module.scope.path))})."
+        )
+
+
+def layer_weight(
+    module,
+    name: str,
+    init_fn,
+    shape: tuple[int, ...],
+    param_dtype,
+    contracting: tuple[int, ...],
+    config: QuantConfig,
+    rule: QuantRule | None,
+) -> jax.Array | QArray:
+    """The weight a layer computes with: float, fake-quantized, frozen, or the served QArray.
+
+    ``contracting`` are the weight's axes that the layer's matmul sums over.
+    """
+    spec = rule.weight if rule is not None else None
+    if config.mode == "serve" and module.has_variable("quant", name):
+        q = module.get_variable("quant", name)
+        if tuple(q.shape) != tuple(shape):
+            raise ValueError(
+                f"serve: frozen {name!r} of {'/'.join(map(str, module.scope.path))} has shape "
+                f"{q.shape}, the layer needs {shape}."
+            )
+        return q
+    if config.mode == "serve" and spec is not None:
+        raise ValueError(
+            f"serve: no frozen {name!r} in the 'quant' collection for layer "
+            f"{'/'.join(map(str, module.scope.path))}, which a rule quantizes; run freeze first."
+        )
+    w = module.param(name, init_fn, shape, param_dtype)
+    if spec is None or config.mode in ("float", "calibrate"):
+        return w
+    fmt, scaling = spec.resolve(contracting, w.ndim)
+    if config.mode == "qat":
+        if spec.lsq:
+            scale = module.param(f"{name}_scale", lambda _: lsq_init_scale(w, fmt, scaling))
+            return fake_quant(w, fmt, scaling, scale=scale)
+        return fake_quant(w, fmt, scaling, calibration=spec.calibration)
+    # freeze: with the learned scale when LSQ trained one
+    _need_mutable(module, "quant", "freeze")
+    scale = None
+    if spec.lsq:
+        if not module.has_variable("params", f"{name}_scale"):
+            raise ValueError(
+                f"freeze: the rule for {'/'.join(map(str, module.scope.path))} has lsq=True but "
+                f"params has no {name}_scale: train with it in QAT mode first."
+            )
+        scale = module.get_variable("params", f"{name}_scale")
+    q = quantize(w, fmt, scaling, calibration=spec.calibration, scale=scale)
+    module.put_variable("quant", name, q)
+    return q
+
+
+def _record_input_stats(module, lhs, contracting, batch):
+    """Accumulates sum x xᵀ, the row count and absmax of the contracted input in 'qstats'."""
+    _need_mutable(module, "qstats", "calibrate")
+    x = lax.stop_gradient(lhs).astype(jnp.float32)
+    absmax = module.variable("qstats", "absmax", lambda: jnp.zeros((), jnp.float32))
+    absmax.value = jnp.maximum(absmax.value, jnp.max(jnp.abs(x)))
+    if batch:  # a batched contraction (attention-like): no single input Hessian
+        return
+    rest = [a for a in range(x.ndim) if a not in contracting]
+    k = 1
+    for a in contracting:
+        k *= x.shape[a]
+    rows = jnp.transpose(x, rest + list(contracting)).reshape(-1, k)  # [tokens, K]
+    hessian = module.variable("qstats", "hessian", lambda: jnp.zeros((k, k), jnp.float32))
+    count = module.variable("qstats", "count", lambda: jnp.zeros((), jnp.float32))
+    hessian.value = hessian.value + rows.T @ rows
+    count.value = count.value + rows.shape[0]
+
+
+def _quant_input(module, lhs, contracting, spec: TensorQuant):
+    fmt, scaling = spec.resolve(contracting, lhs.ndim)
+    if spec.lsq:
+        if scaling.axis is not None:
+            raise ValueError(
+                f"act {spec.name}: LSQ learns one static scale, so activations need per-tensor "
+                "scaling (Scaling()); dynamic per-token scales are calibrated, not learned."
+            )
+        scale = module.param(
+            "input_scale", lambda _: lsq_init_scale(lax.stop_gradient(lhs), fmt, scaling)
+        )
+        return fake_quant(lhs, fmt, scaling, scale=scale)
+    return fake_quant(lhs, fmt, scaling, calibration=spec.calibration)
+
+
+def quant_dot_general(module, config: QuantConfig, rule: QuantRule | None, base=None):
+    """A ``lax.dot_general`` that quantizes for ``module`` per ``config.mode``.
+
+    * calibrate: records the input statistics (if a rule matches, or the config has no rules);
+    * qat, freeze, serve: fake-quantizes the input (lhs) when the rule has ``act``;
+    * a QArray rhs (serve) is dequantized to the input's dtype before the matmul.
+    """
+    base = lax.dot_general if base is None else base
+    act = rule.act if rule is not None else None
+    record = config.mode == "calibrate" and (rule is not None or not config.rules)
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        (lhs_contract, _), (lhs_batch, _) = dimension_numbers
+        if record:
+            _record_input_stats(module, lhs, tuple(lhs_contract), tuple(lhs_batch))
+        if isinstance(rhs, QArray):
+            rhs = rhs.dequantize(lhs.dtype)
+        if act is not None and config.mode in ("qat", "freeze", "serve"):
+            lhs = _quant_input(module, lhs, tuple(lhs_contract), act)
+        return base(
+            lhs,
+            rhs,
+            dimension_numbers,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+        )
+
+    return dot_general
