@@ -364,3 +364,21 @@ def test_presets_regroup_and_retarget():
     q = jn.quantize(jnp.ones((8, 256)), jn.MXFP4.on_axis(-1))
     assert q.scale.shape == (8, 8)
     assert jn.get_preset("mxfp4") is jn.MXFP4
+
+
+def test_quantize_with_a_given_scale_uses_it_exactly():
+    x = jnp.asarray(np.random.default_rng(9).standard_normal((64, 8)), jnp.float32)
+    s = jnp.asarray(np.random.default_rng(10).uniform(0.05, 0.5, (1, 8)), jnp.float32)
+    q = jn.quantize(x, F.INT4, Scaling(axis=0), scale=s)
+    np.testing.assert_array_equal(q.scale, s)
+    ref = np.clip(np.round(np.asarray(x) / np.asarray(s)), -8, 7) * np.asarray(s)
+    np.testing.assert_allclose(q.dequantize(), ref, rtol=1e-6)
+    np.testing.assert_array_equal(
+        q.dequantize(), jn.fake_quant(x, F.INT4, Scaling(axis=0), scale=s)
+    )
+    with pytest.raises(ValueError, match=r"expected shape \(1, 8\)"):
+        jn.quantize(x, F.INT4, Scaling(axis=0), scale=s[0])
+    with pytest.raises(ValueError, match="symmetric"):
+        jn.quantize(x, F.UINT4, Scaling(axis=0, zero_point=True), scale=s)
+    with pytest.raises(ValueError, match="float32"):
+        jn.quantize(x, F.E2M1, Scaling(axis=0, scale_dtype="bfloat16"), scale=s)
