@@ -82,6 +82,7 @@ def dense_general(module, inputs, config: QuantConfig, role: str = "linear"):
         config,
         rule,
     )
+    kernel = ops.as_kernel(kernel, kernel_shape)
     bias = None
     if module.use_bias:
 
@@ -141,7 +142,7 @@ def einsum(module, inputs, einsum_str, config: QuantConfig, role: str = "linear"
         rule,
     )
     if isinstance(kernel, QArray):  # jnp.einsum takes arrays: dequantize, then contract
-        kernel = kernel.dequantize(module.param_dtype)
+        kernel = kernel.dequantize(module.param_dtype).reshape(tuple(module.shape))
     bias = None
     if module.use_bias:
         bias_shape, broadcast_shape = nn.Einsum._get_bias_shape(module, einsum_str, inputs, kernel)

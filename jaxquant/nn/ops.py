@@ -31,6 +31,31 @@ def _need_mutable(module, collection: str, mode: str):
         )
 
 
+def weight_view(shape, contracting) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(view_shape, view_contracting): consecutive contracting axes merged into one.
+
+    A kernel ``[heads, head_dim, embed]`` contracted over (0, 1) is quantized as
+    ``[heads * head_dim, embed]``, the matrix a matmul kernel sees, so groups run across heads
+    (a group of 128 fits a head_dim of 64). Non-consecutive contracting axes stay as they are.
+    """
+    shape, contracting = tuple(shape), tuple(sorted(contracting))
+    if len(contracting) < 2 or contracting != tuple(range(contracting[0], contracting[-1] + 1)):
+        return shape, contracting
+    first, last = contracting[0], contracting[-1]
+    merged = 1
+    for a in contracting:
+        merged *= shape[a]
+    return shape[:first] + (merged,) + shape[last + 1 :], (first,)
+
+
+def as_kernel(weight, shape):
+    """A weight in the kernel's own shape: arrays and same-shape QArrays pass through, a QArray
+    stored in its merged view is dequantized and reshaped."""
+    if isinstance(weight, QArray) and tuple(weight.shape) != tuple(shape):
+        return weight.dequantize().reshape(shape)
+    return weight
+
+
 def layer_weight(
     module,
     name: str,
@@ -43,42 +68,46 @@ def layer_weight(
 ) -> jax.Array | QArray:
     """The weight a layer computes with: float, fake-quantized, frozen, or the served QArray.
 
-    ``contracting`` are the weight's axes that the layer's matmul sums over.
+    ``contracting`` are the weight's axes that the layer's matmul sums over; the weight is
+    quantized in its ``weight_view`` (a frozen QArray has that shape; see ``as_kernel``).
     """
     spec = rule.weight if rule is not None else None
+    view_shape, view_contracting = weight_view(shape, contracting)
+    path = "/".join(map(str, module.scope.path))
     if config.mode == "serve" and module.has_variable("quant", name):
         q = module.get_variable("quant", name)
-        if tuple(q.shape) != tuple(shape):
+        if tuple(q.shape) != view_shape:
             raise ValueError(
-                f"serve: frozen {name!r} of {'/'.join(map(str, module.scope.path))} has shape "
-                f"{q.shape}, the layer needs {shape}."
+                f"serve: frozen {name!r} of {path} has shape {q.shape}, the layer needs "
+                f"{view_shape} (its kernel {tuple(shape)} with contracting axes merged)."
             )
         return q
     if config.mode == "serve" and spec is not None:
         raise ValueError(
-            f"serve: no frozen {name!r} in the 'quant' collection for layer "
-            f"{'/'.join(map(str, module.scope.path))}, which a rule quantizes; run freeze first."
+            f"serve: no frozen {name!r} in the 'quant' collection for layer {path}, which a rule "
+            "quantizes; run freeze first."
         )
     w = module.param(name, init_fn, shape, param_dtype)
     if spec is None or config.mode in ("float", "calibrate"):
         return w
-    fmt, scaling = spec.resolve(contracting, w.ndim)
+    wv = w.reshape(view_shape)
+    fmt, scaling = spec.resolve(view_contracting, wv.ndim)
     if config.mode == "qat":
         if spec.lsq:
-            scale = module.param(f"{name}_scale", lambda _: lsq_init_scale(w, fmt, scaling))
-            return fake_quant(w, fmt, scaling, scale=scale)
-        return fake_quant(w, fmt, scaling, calibration=spec.calibration)
+            scale = module.param(f"{name}_scale", lambda _: lsq_init_scale(wv, fmt, scaling))
+            return fake_quant(wv, fmt, scaling, scale=scale).reshape(shape)
+        return fake_quant(wv, fmt, scaling, calibration=spec.calibration).reshape(shape)
     # freeze: with the learned scale when LSQ trained one
     _need_mutable(module, "quant", "freeze")
     scale = None
     if spec.lsq:
         if not module.has_variable("params", f"{name}_scale"):
             raise ValueError(
-                f"freeze: the rule for {'/'.join(map(str, module.scope.path))} has lsq=True but "
-                f"params has no {name}_scale: train with it in QAT mode first."
+                f"freeze: the rule for {path} has lsq=True but params has no {name}_scale: "
+                "train with it in QAT mode first."
             )
         scale = module.get_variable("params", f"{name}_scale")
-    q = quantize(w, fmt, scaling, calibration=spec.calibration, scale=scale)
+    q = quantize(wv, fmt, scaling, calibration=spec.calibration, scale=scale)
     module.put_variable("quant", name, q)
     return q
 

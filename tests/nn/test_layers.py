@@ -295,3 +295,24 @@ def test_mode_errors_name_the_problem():
         qn.QDense(4, quant=cfg).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="pass rules"):
         qn.freeze(nn.Dense(4), params, x)
+
+
+def test_multi_axis_contractions_are_quantized_as_one_merged_axis():
+    # out-projection-like kernel [heads=3, head_dim=4, 12]: a group of 6 spans heads
+    x = _x((2, 5, 3, 4))
+    rules = (qn.QuantRule(".*", weight=jn.INT4_G128.with_group_size(6)),)
+    layer = qn.QDenseGeneral(12, axis=(-2, -1), quant=qn.QuantConfig(mode="qat", rules=rules))
+    params = layer.init(jax.random.key(0), x)["params"]
+    w = params["kernel"]
+    expected_w = jn.fake_quant(w.reshape(12, 12), jn.INT4_G128.with_group_size(6)).reshape(w.shape)
+    expected = nn.DenseGeneral(12, axis=(-2, -1)).apply(
+        {"params": {**params, "kernel": expected_w}}, x
+    )
+    np.testing.assert_allclose(layer.apply({"params": params}, x), expected, rtol=1e-6)
+    quant, _ = qn.freeze(layer, params, x)
+    assert quant["kernel"].shape == (12, 12) and quant["kernel"].scale.shape == (2, 12)
+    served = {"params": qn.serving_params(params, quant), "quant": quant}
+    np.testing.assert_array_equal(
+        qn.QDenseGeneral(12, axis=(-2, -1), quant=layer.quant.with_mode("serve")).apply(served, x),
+        layer.apply({"params": params}, x),
+    )
