@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo rate-distortion test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,7 +12,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Train shakespeare_tiny (resuming if workdir/ has a checkpoint), freeze it to int8 and int4,
+# and print the float-vs-quantized table.
 demo: $(STAMP)
+	$(PY) train.py --config=configs/shakespeare_tiny.py --workdir=workdir/shakespeare_tiny
+
+rate-distortion: $(STAMP)
 	$(PY) -m jaxquant.eval.rate_distortion
 
 test: $(STAMP)

@@ -1,0 +1,76 @@
+"""shakespeare_tiny: a byte-level Llama on the bundled Shakespeare, trained on 2 CPU cores.
+
+Run:
+  python train.py --config=configs/shakespeare_tiny.py --workdir=/tmp/tiny
+  python train.py --config=configs/shakespeare_tiny.py:qat_int8 --workdir=/tmp/tiny_int8
+  python train.py --config=configs/shakespeare_tiny.py:qat_int4 --workdir=/tmp/tiny_int4
+  python train.py --config=configs/shakespeare_tiny.py --workdir=/tmp/tiny --mode=eval
+
+The argument (after ':') is a comma-separated list of: ``qat_int8`` (int8 weights and
+activations in QAT), ``qat_int4`` (int4 weights), ``runlocal`` (a few steps of a smaller model,
+for tests). Any field can be overridden: ``--config.optim.lr=3e-3``.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    options = {a for a in (arg or "").split(",") if a}
+    unknown = options - {"qat_int8", "qat_int4", "runlocal"}
+    if unknown:
+        raise ValueError(f"shakespeare_tiny: unknown config argument(s) {sorted(unknown)}.")
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""  # a text file of your own; empty: the bundled corpus
+    c.data.tokenizer = "byte"  # or "sentencepiece"
+    c.data.vocab_size = 0  # sentencepiece only
+
+    c.model = ml_collections.ConfigDict()
+    c.model.embed_dim = 128
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 2
+    c.model.mlp_dim = 384
+    c.model.tie_embeddings = True
+    c.model.dtype = "float32"
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 32
+    c.train.seq_len = 128
+    c.train.num_steps = 1500
+    c.train.grad_accum_steps = 1
+    c.train.log_every = 50
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 2
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 100
+    c.optim.final_lr_ratio = 0.1
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.weight_decay = 0.1
+    c.optim.grad_clip = 1.0
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.quant = ml_collections.ConfigDict()
+    c.quant.qat = "int8" if "qat_int8" in options else "int4" if "qat_int4" in options else ""
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 32
+    c.eval.max_batches = 0  # 0: the whole validation split
+    c.eval.variants = "int8,int4"
+
+    if "runlocal" in options:
+        c.model.embed_dim, c.model.num_layers, c.model.mlp_dim = 32, 1, 64
+        c.train.batch_size, c.train.seq_len, c.train.num_steps = 8, 32, 6
+        c.train.log_every, c.train.checkpoint_every = 1, 3
+        c.optim.warmup_steps = 2
+        c.eval.batch_size, c.eval.max_batches = 8, 4
+    return c

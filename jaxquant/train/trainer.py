@@ -1,0 +1,347 @@
+"""The Trainer: a sharded, checkpointed training loop for the Llama decoder, and the evaluation
+of its float and quantized variants. ``train_and_evaluate(config, workdir)`` is what
+``train.py`` and the Colabs call.
+
+Terminology:
+  global batch: ``config.train.batch_size`` sequences per step over all processes; each process
+                reads its own slice (``BatchIterator``) and the slices form one global array
+                sharded over the mesh's ('data', 'fsdp') axes.
+  microbatch:   with ``grad_accum_steps = k`` the global batch is split into k parts whose
+                gradients are averaged in one jitted step (same update as one big batch).
+  state:        ``TrainState(step, params, opt_state)``, jitted with explicit shardings and
+                donated to each step; checkpointed by orbax with the data iterator's position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxquant import numerics
+from jaxquant.data import BatchIterator, get_tokenizer, load_text
+from jaxquant.models import Llama, LlamaConfig
+from jaxquant.nn import QuantConfig, QuantRule
+from jaxquant.train import evaluator as evaluator_lib
+from jaxquant.train import metrics as metrics_lib
+from jaxquant.train import partitioning
+
+# QAT recipes selectable by name from a config (``config.quant.qat``).
+QAT_RECIPES: dict[str, tuple[QuantRule, ...]] = {
+    "": (),
+    "int8": (QuantRule(".*", weight=numerics.INT8, act=numerics.INT8.on_axis(-1)),),
+    "int4": (QuantRule(".*", weight=numerics.INT4),),
+}
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 []
+    params: dict
+    opt_state: optax.OptState
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with linear warmup and cosine decay to ``lr * final_lr_ratio``, global-norm clip."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.optim.lr,
+        warmup_steps=cfg.optim.warmup_steps,
+        decay_steps=max(cfg.train.num_steps, cfg.optim.warmup_steps + 1),
+        end_value=cfg.optim.lr * cfg.optim.final_lr_ratio,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.optim.grad_clip),
+        optax.adamw(
+            schedule, b1=cfg.optim.b1, b2=cfg.optim.b2, weight_decay=cfg.optim.weight_decay
+        ),
+    )
+
+
+def _loss_fn(model: nn.Module, params, inputs, targets):
+    logits = model.apply({"params": params}, inputs)
+    nats, count = evaluator_lib.cross_entropy(logits, targets, jnp.ones(targets.shape))
+    return nats / count
+
+
+def train_step(state: TrainState, batch, *, model, optimizer, grad_accum_steps: int):
+    """One optimizer step on a global batch, gradients averaged over ``grad_accum_steps``."""
+    inputs, targets = batch["inputs"], batch["targets"]
+    micro = inputs.shape[0] // grad_accum_steps
+    split = lambda x: x.reshape(grad_accum_steps, micro, *x.shape[1:])  # noqa: E731
+    grad_fn = jax.value_and_grad(functools.partial(_loss_fn, model))
+
+    def accumulate(carry, mb):
+        loss_sum, grad_sum = carry
+        loss, grads = grad_fn(state.params, mb[0], mb[1])
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    (loss, grads), _ = jax.lax.scan(
+        accumulate, (jnp.zeros((), jnp.float32), zeros), (split(inputs), split(targets))
+    )
+    loss, grads = loss / grad_accum_steps, jax.tree.map(lambda g: g / grad_accum_steps, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> LlamaConfig:
+    fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+    kw = {k: v for k, v in cfg.model.to_dict().items() if k in fields}
+    unknown = set(cfg.model.to_dict()) - fields
+    if unknown:
+        raise ValueError(
+            f"config.model has unknown fields {sorted(unknown)}; known: {sorted(fields)}."
+        )
+    return LlamaConfig(**{**kw, "vocab_size": vocab_size})
+
+
+class Trainer:
+    """Builds the mesh, model, optimizer and data from a config; trains with checkpoints."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike):
+        self.config = config
+        self.workdir = os.fspath(workdir)
+        c = config
+        if c.train.batch_size % c.train.grad_accum_steps:
+            raise ValueError(
+                f"config.train.batch_size={c.train.batch_size} must be a multiple of "
+                f"config.train.grad_accum_steps={c.train.grad_accum_steps}."
+            )
+        if c.quant.qat not in QAT_RECIPES:
+            raise ValueError(
+                f"config.quant.qat={c.quant.qat!r}: expected one of {list(QAT_RECIPES)}."
+            )
+        self.mesh = partitioning.make_mesh(partitioning.MeshConfig(**c.mesh.to_dict()))
+        self.tokenizer = get_tokenizer(
+            c.data.tokenizer,
+            vocab_size=c.data.vocab_size or None,
+            model_path=os.path.join(self.workdir, "tokenizer.model")
+            if c.data.tokenizer == "sentencepiece"
+            else None,
+            train_text=load_text("train", c.data.path or None)
+            if c.data.tokenizer == "sentencepiece"
+            else None,
+        )
+        train_text = load_text("train", c.data.path or None)
+        valid_text = load_text("validation", c.data.path or None)
+        self.train_tokens = self.tokenizer.encode(train_text)
+        self.valid_tokens = self.tokenizer.encode(valid_text)
+        self.bytes_per_token = self.tokenizer.bytes_per_token(valid_text)
+        self.model_config = model_config(c, self.tokenizer.vocab_size)
+        rules = QAT_RECIPES[c.quant.qat]
+        self.float_model = Llama(self.model_config)
+        self.model = (
+            Llama(self.model_config, QuantConfig(mode="qat", rules=rules))
+            if rules
+            else self.float_model
+        )
+        self.optimizer = make_optimizer(c)
+        self.data = BatchIterator(
+            self.train_tokens, batch_size=c.train.batch_size, seq_len=c.train.seq_len, seed=c.seed
+        )
+        self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp"), None))
+        self._build()
+
+    def _build(self):
+        c = self.config
+        sample = jnp.zeros((1, c.train.seq_len), jnp.int32)
+        key = jax.random.key(c.seed)
+        abstract = jax.eval_shape(self.model.init, key, sample)
+        param_shardings = partitioning.state_shardings(abstract, self.mesh)["params"]
+
+        def init(key):
+            params = nn.unbox(self.model.init(key, sample))["params"]
+            return TrainState(
+                step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params)
+            )
+
+        abstract_state = jax.eval_shape(init, key)
+        opt_shardings = _opt_state_shardings(
+            self.optimizer, abstract_state.opt_state, param_shardings, self.mesh
+        )
+        replicated = NamedSharding(self.mesh, P())
+        self.state_shardings = TrainState(
+            step=replicated, params=param_shardings, opt_state=opt_shardings
+        )
+        self._init = jax.jit(init, out_shardings=self.state_shardings)
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_state,
+            self.state_shardings,
+        )
+        step = functools.partial(
+            train_step,
+            model=self.model,
+            optimizer=self.optimizer,
+            grad_accum_steps=c.train.grad_accum_steps,
+        )
+        batch_shardings = {"inputs": self.batch_sharding, "targets": self.batch_sharding}
+        self._step = jax.jit(
+            step,
+            in_shardings=(self.state_shardings, batch_shardings),
+            out_shardings=(self.state_shardings, replicated),
+            donate_argnums=0,
+        )
+
+    def init_state(self) -> TrainState:
+        return self._init(jax.random.key(self.config.seed))
+
+    def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's slice of the batch, as one global array sharded over the mesh."""
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in local.items()
+        }
+
+    def step(self, state: TrainState, local_batch) -> tuple[TrainState, dict]:
+        return self._step(state, self.global_batch(local_batch))
+
+    def checkpoint_manager(self) -> ocp.CheckpointManager:
+        c = self.config.train
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=c.keep_checkpoints,
+            save_interval_steps=c.checkpoint_every,
+            enable_async_checkpointing=True,
+        )
+        return ocp.CheckpointManager(
+            os.path.abspath(os.path.join(self.workdir, "checkpoints")), options=options
+        )
+
+    def restore_or_init(self, manager: ocp.CheckpointManager) -> TrainState:
+        """The latest checkpoint (state and data position), or a fresh state."""
+        step = manager.latest_step()
+        if step is None:
+            return self.init_state()
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(self.abstract_state),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
+        self.data.restore(restored["data"])
+        return restored["state"]
+
+    def save(self, manager, state: TrainState, *, force: bool = False) -> bool:
+        """Saves per the manager's interval (always with ``force``); True if it saved."""
+        step = int(state.step)
+        if force and step in manager.all_steps():
+            return False
+        return manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(self.data.state())
+            ),
+            force=force,
+        )
+
+    def train(self, *, stop_at: int | None = None) -> tuple[TrainState, list[float]]:
+        """Trains to ``config.train.num_steps`` (or ``stop_at``), resuming from the workdir.
+
+        Returns the final state and the losses of the steps run in this call.
+        """
+        c = self.config.train
+        last = c.num_steps if stop_at is None else min(stop_at, c.num_steps)
+        tokens_per_step = c.batch_size * c.seq_len
+        losses = []
+        with (
+            self.checkpoint_manager() as manager,
+            metrics_lib.MetricWriter(
+                self.workdir,
+                total_steps=c.num_steps,
+                enabled=jax.process_index() == 0,
+                log_every=c.log_every,
+            ) as writer,
+        ):
+            state = self.restore_or_init(manager)
+            start = int(state.step)
+            if start:
+                writer.log(f"resumed from step {start} in {self.workdir}")
+            logged = start
+            for step in range(start, last):
+                state, metrics = self.step(state, next(self.data))
+                if (step + 1) % c.log_every == 0 or step + 1 == last:
+                    m = jax.device_get(metrics)
+                    writer.write_scalars(step + 1, {f"train/{k}": v for k, v in m.items()})
+                    tokens = tokens_per_step * (step + 1 - logged)
+                    writer.progress(step + 1, loss=float(m["loss"]), tokens=tokens)
+                    logged = step + 1
+                losses.append(metrics["loss"])  # read back once, at the end
+                self.save(manager, state)
+            self.save(manager, state, force=True)
+            manager.wait_until_finished()
+        return state, [float(x) for x in losses]
+
+    def evaluator(self) -> evaluator_lib.Evaluator:
+        c = self.config
+        return evaluator_lib.Evaluator(
+            self.float_model,
+            self.valid_tokens,
+            batch_size=c.eval.batch_size,
+            seq_len=c.train.seq_len,
+            bytes_per_token=self.bytes_per_token,
+            max_batches=c.eval.max_batches or None,
+        )
+
+    def evaluate(self, params) -> list[evaluator_lib.EvalResult]:
+        """Float, then every variant of ``config.eval.variants`` frozen with RTN."""
+        variants = evaluator_lib.default_variants()
+        names = [v for v in self.config.eval.variants.split(",") if v]
+        unknown = [n for n in names if n not in variants]
+        if unknown:
+            raise ValueError(f"config.eval.variants: unknown {unknown}; known: {list(variants)}.")
+        return self.evaluator().compare(params, {n: variants[n] for n in names})
+
+
+def _opt_state_shardings(optimizer, opt_state, param_shardings, mesh):
+    """Optimizer leaves that mirror a param (Adam's moments) take its sharding; counts and the
+    like are replicated."""
+    replicated = NamedSharding(mesh, P())
+    return optax.tree_map_params(
+        optimizer,
+        lambda _, sharding: sharding,
+        opt_state,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
+    """Trains (resuming from ``workdir``), then prints the float-vs-quantized table."""
+    trainer = Trainer(config, workdir)
+    state, _ = trainer.train()
+    results = trainer.evaluate(state.params)
+    if jax.process_index() == 0:
+        print(evaluator_lib.format_table(results))
+    return results
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
+    """Restores the latest checkpoint of ``workdir`` and prints the evaluation table."""
+    trainer = Trainer(config, workdir)
+    with trainer.checkpoint_manager() as manager:
+        if manager.latest_step() is None:
+            raise ValueError(
+                f"--mode=eval: no checkpoint in {os.path.join(os.fspath(workdir), 'checkpoints')}."
+            )
+        state = trainer.restore_or_init(manager)
+    results = trainer.evaluate(state.params)
+    if jax.process_index() == 0:
+        print(evaluator_lib.format_table(results))
+    return results

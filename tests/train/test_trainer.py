@@ -1,0 +1,132 @@
+"""The Trainer: resumes bit-exactly, shards without changing the math, runs multi-process."""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import shakespeare_tiny
+from jaxquant.train import metrics, trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _config(**overrides):
+    c = shakespeare_tiny.get_config("runlocal")
+    c.eval.variants = "int8"
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        setattr(getattr(c, section), field, value)
+    return c
+
+
+def test_interrupted_run_resumes_to_exactly_the_same_losses(tmp_path):
+    full = trainer.Trainer(_config(), tmp_path / "full")
+    _, losses = full.train()
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    part = tmp_path / "part"
+    _, first = trainer.Trainer(_config(), part).train(stop_at=4)
+    resumed = trainer.Trainer(_config(), part)  # a new process would start like this
+    state, rest = resumed.train()
+    assert int(state.step) == 6
+    assert first + rest == losses  # bit-exact floats
+
+
+def test_sharded_mesh_gives_the_same_losses_as_pure_data_parallel(tmp_path):
+    _, dp = trainer.Trainer(_config(), tmp_path / "dp").train()
+    cfg = _config()
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+    t = trainer.Trainer(cfg, tmp_path / "fsdp_tp")
+    state, sharded = t.train()
+    np.testing.assert_allclose(sharded, dp, rtol=2e-5)
+    kernel = state.params["layers_0"]["mlp"]["gate"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    mu = state.opt_state[1][0].mu["layers_0"]["mlp"]["gate"]["kernel"]
+    assert mu.sharding.spec == kernel.sharding.spec  # Adam's moments shard like their param
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    _, one = trainer.Trainer(_config(**{"train.num_steps": 3}), tmp_path / "a").train()
+    _, acc = trainer.Trainer(
+        _config(**{"train.num_steps": 3, "train.grad_accum_steps": 4}), tmp_path / "b"
+    ).train()
+    np.testing.assert_allclose(acc, one, rtol=1e-5)
+
+
+def test_qat_trains_and_the_evaluator_reports_every_variant(tmp_path):
+    cfg = shakespeare_tiny.get_config("runlocal,qat_int4")
+    cfg.eval.variants = "int8,int4"
+    results = trainer.train_and_evaluate(cfg, tmp_path)
+    assert [r.name for r in results] == ["float", "int8", "int4"]
+    assert all(np.isfinite(r.loss) for r in results)
+    events = metrics.read_scalars(tmp_path / "tensorboard")
+    assert [s for s, _ in events["train/loss"]] == list(range(1, 7))
+
+
+def test_bad_config_values_get_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        trainer.Trainer(_config(**{"train.grad_accum_steps": 3}), tmp_path)
+    cfg = _config()
+    cfg.quant.qat = "int3"
+    with pytest.raises(ValueError, match="config.quant.qat='int3'"):
+        trainer.Trainer(cfg, tmp_path)
+    with pytest.raises(ValueError, match="unknown config argument"):
+        shakespeare_tiny.get_config("fast")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_in_lockstep_with_one_process_on_eight_devices(tmp_path):
+    """2 processes x 4 fake CPU devices (gloo collectives) == 1 process x 8 devices."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(ROOT)
+    common = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config=" + str(ROOT / "configs/shakespeare_tiny.py") + ":runlocal",
+        "--config.eval.variants=",
+        f"--workdir={tmp_path / 'multi'}",
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+    ]
+    procs = [
+        subprocess.Popen(
+            common + [f"--process_id={i}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    multi = [v for _, v in metrics.read_scalars(tmp_path / "multi" / "tensorboard")["train/loss"]]
+    cfg = _config()
+    cfg.eval.variants = ""
+    _, single = trainer.Trainer(cfg, tmp_path / "single").train()
+    np.testing.assert_allclose(multi, single, rtol=2e-5)
+
+
+def test_train_py_help_documents_the_flags():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--helpfull"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    for flag in ("--config", "--workdir", "--mode", "--coordinator_address"):
+        assert flag in out
