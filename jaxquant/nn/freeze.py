@@ -59,6 +59,7 @@ def _has_quant_field(model) -> bool:
 @dataclasses.dataclass(frozen=True)
 class LayerRow:
     path: str
+    rule: str  # the path regex of the rule that matched
     format: str
     shape: tuple[int, ...]
     bits_per_weight: float
@@ -86,11 +87,13 @@ class FreezeReport:
         return 8 * self.model_bytes / max(1, self.float_params + self.quant_params)
 
     def __str__(self) -> str:
-        lines = [f"{'layer':<48} {'format':<16} {'shape':<18} {'bits/w':>7} {'bytes':>10}"]
+        lines = [
+            f"{'layer':<40} {'rule':<20} {'format':<16} {'shape':<14} {'bits/w':>7} {'bytes':>10}"
+        ]
         for r in self.layers:
             lines.append(
-                f"{r.path:<48} {r.format:<16} {str(r.shape):<18} {r.bits_per_weight:7.3f} "
-                f"{r.nbytes:>10,}"
+                f"{r.path:<40} {r.rule:<20} {r.format:<16} {str(r.shape):<14} "
+                f"{r.bits_per_weight:7.3f} {r.nbytes:>10,}"
             )
         lines.append(
             f"quantized: {self.quant_params:,} params in {self.quant_bytes:,} bytes; float: "
@@ -164,6 +167,7 @@ def _report(params, quant, config: QuantConfig) -> FreezeReport:
         rows.append(
             LayerRow(
                 path,
+                "" if rule is None else rule.path,
                 q.format.name if rule is None else str(rule.weight.format),
                 tuple(q.shape),
                 q.bits_per_weight,

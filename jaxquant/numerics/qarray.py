@@ -9,6 +9,7 @@ Terminology:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -170,6 +171,16 @@ def quantize(
     formats_lib.check_rounding(rounding, key)
     if x.ndim == 0:
         raise ValueError("quantize x: expected an array with at least one axis, got a scalar.")
+    scaling.block_view(x.shape)  # shape errors here, not from inside the trace
+    return _quantize(
+        x, key, scale, fmt=fmt, scaling=scaling, calibration=calibration, rounding=rounding
+    )
+
+
+# One compiled computation per (shape, recipe), eagerly or inside a caller's jit: eager
+# op-by-op dispatch of the many small ops above costs seconds per call.
+@functools.partial(jax.jit, static_argnames=("fmt", "scaling", "calibration", "rounding"))
+def _quantize(x, key, scale, *, fmt, scaling, calibration, rounding) -> QArray:
     view_shape, reduce_axes = scaling.block_view(x.shape)
     xv = x.astype(jnp.float32).reshape(view_shape)
     if scale is None:

@@ -137,7 +137,10 @@ def test_freeze_then_serve_equals_qat_and_the_quant_tree_is_exact():
     qat = _Tiny(qn.QuantConfig(mode="qat", rules=rules)).apply({"params": params}, ids)
     np.testing.assert_array_equal(np.asarray(serve), np.asarray(qat))
     # report: rows, the rule that matched nothing, honest sizes
-    assert [r.path for r in report.layers] == ["down/kernel", "up/kernel"]
+    assert [(r.path, r.rule) for r in report.layers] == [
+        ("down/kernel", "down"),
+        ("up/kernel", "up"),
+    ]
     assert report.unmatched_rules == (rules[2],)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     assert report.float_params + report.quant_params == n_params
