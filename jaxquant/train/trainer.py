@@ -128,18 +128,15 @@ class Trainer:
                 f"config.quant.qat={c.quant.qat!r}: expected one of {list(QAT_RECIPES)}."
             )
         self.mesh = partitioning.make_mesh(partitioning.MeshConfig(**c.mesh.to_dict()))
+        train_text = load_text("train", c.data.path or None)
+        valid_text = load_text("validation", c.data.path or None)
+        spm = c.data.tokenizer == "sentencepiece"
         self.tokenizer = get_tokenizer(
             c.data.tokenizer,
             vocab_size=c.data.vocab_size or None,
-            model_path=os.path.join(self.workdir, "tokenizer.model")
-            if c.data.tokenizer == "sentencepiece"
-            else None,
-            train_text=load_text("train", c.data.path or None)
-            if c.data.tokenizer == "sentencepiece"
-            else None,
+            model_path=os.path.join(self.workdir, "tokenizer.model") if spm else None,
+            train_text=train_text if spm else None,
         )
-        train_text = load_text("train", c.data.path or None)
-        valid_text = load_text("validation", c.data.path or None)
         self.train_tokens = self.tokenizer.encode(train_text)
         self.valid_tokens = self.tokenizer.encode(valid_text)
         self.bytes_per_token = self.tokenizer.bytes_per_token(valid_text)
@@ -300,13 +297,17 @@ class Trainer:
         )
 
     def evaluate(self, params) -> list[evaluator_lib.EvalResult]:
-        """Float, then every variant of ``config.eval.variants`` frozen with RTN."""
+        """Float, every variant of ``config.eval.variants`` frozen with RTN, and, after QAT,
+        the QAT recipe itself frozen and served (``qat_int8``: weights and activations)."""
         variants = evaluator_lib.default_variants()
         names = [v for v in self.config.eval.variants.split(",") if v]
         unknown = [n for n in names if n not in variants]
         if unknown:
             raise ValueError(f"config.eval.variants: unknown {unknown}; known: {list(variants)}.")
-        return self.evaluator().compare(params, {n: variants[n] for n in names})
+        chosen = {n: variants[n] for n in names}
+        if self.config.quant.qat:
+            chosen[f"qat_{self.config.quant.qat}"] = QAT_RECIPES[self.config.quant.qat]
+        return self.evaluator().compare(params, chosen)
 
 
 def _opt_state_shardings(optimizer, opt_state, param_shardings, mesh):

@@ -62,7 +62,7 @@ def test_qat_trains_and_the_evaluator_reports_every_variant(tmp_path):
     cfg = shakespeare_tiny.get_config("runlocal,qat_int4")
     cfg.eval.variants = "int8,int4"
     results = trainer.train_and_evaluate(cfg, tmp_path)
-    assert [r.name for r in results] == ["float", "int8", "int4"]
+    assert [r.name for r in results] == ["float", "int8", "int4", "qat_int4"]
     assert all(np.isfinite(r.loss) for r in results)
     events = metrics.read_scalars(tmp_path / "tensorboard")
     assert [s for s, _ in events["train/loss"]] == list(range(1, 7))
@@ -130,3 +130,15 @@ def test_train_py_help_documents_the_flags():
     ).stdout
     for flag in ("--config", "--workdir", "--mode", "--coordinator_address"):
         assert flag in out
+
+
+@pytest.mark.parametrize("arg", ["", "qat_int8", "qat_int4", "runlocal"])
+def test_every_config_and_variant_builds_a_valid_model(arg):
+    from configs import shakespeare_small
+
+    for module in (shakespeare_tiny, shakespeare_small):
+        cfg = module.get_config(arg)
+        model = trainer.model_config(cfg, vocab_size=256)
+        assert model.num_heads % model.num_kv_heads == 0
+        assert cfg.quant.qat == {"qat_int8": "int8", "qat_int4": "int4"}.get(arg, "")
+        assert cfg.train.batch_size % cfg.train.grad_accum_steps == 0
