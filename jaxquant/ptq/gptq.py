@@ -1,0 +1,279 @@
+"""Layer-wise post-training quantization: RTN, GPTQ, and Babai's nearest plane.
+
+Terminology (Flax layout throughout):
+  w:        a weight ``[in_features, out_features]``; row ``k`` holds input feature ``k`` of every
+            output channel, so GPTQ's "columns" are our rows.
+  hessian:  ``H = sum x xᵀ`` over calibration inputs, ``[in_features, in_features]``; the layer's
+            output error for a quantized ``ŵ`` is ``tr((w − ŵ)ᵀ H (w − ŵ))``.
+  order:    the order in which rows are quantized; each later row absorbs the error of the
+            earlier ones through H.
+  block:    GPTQ's lazy-batch size: error feedback inside a block of rows is immediate, to the
+            rows after it is applied once per block (same result, fewer memory passes).
+
+GPTQ (Frantar et al., arXiv:2210.17323, Alg. 1) quantizes row ``k`` to ``q_k`` and moves its
+scaled error to the rows not yet quantized: ``w_j −= (w_k − q_k) · U_kj / U_kk`` with ``U`` the
+upper Cholesky factor of ``H⁻¹``. It is Babai's nearest-plane algorithm on the lattice whose
+Gram matrix is ``H``, run from the last basis vector to the first (Chen et al.,
+arXiv:2507.18553): ``babai_nearest_plane`` implements that view directly from ``H = Rᵀ R``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.numerics import Preset, QArray
+from jaxquant.numerics import calibration as calibration_lib
+from jaxquant.numerics import formats as formats_lib
+from jaxquant.numerics import scaling as scaling_lib
+from jaxquant.numerics.qarray import resolve
+from pallas_kernels import packing
+
+
+def layer_scaling(fmt, group_size: int | None | str = "preset"):
+    """(format, scaling) for a ``[in, out]`` weight: scales shared along the input axis (0).
+
+    ``group_size`` overrides the preset's grouping (None: per output channel).
+    """
+    fmt, scaling = resolve(fmt, None)
+    if scaling.axis is None and group_size == "preset":
+        scaling = dataclasses.replace(scaling, axis=0)
+    if group_size != "preset":
+        scaling = dataclasses.replace(scaling, axis=0, group_size=group_size)
+    if scaling.axis not in (0, (0,)) or scaling.split_sign:
+        raise ValueError(
+            f"{fmt.name}: PTQ quantizes [in, out] weights with scales along axis 0 and no "
+            f"split-sign scales, got {scaling}."
+        )
+    return fmt, dataclasses.replace(scaling, axis=0)
+
+
+def _check_layer(w, hessian):
+    w = jnp.asarray(w)
+    if w.ndim != 2 or not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(
+            f"w: expected a float [in_features, out_features] array, got {w.shape} {w.dtype}."
+        )
+    if hessian is None:
+        return w, None
+    h = jnp.asarray(hessian, jnp.float32)
+    if h.shape != (w.shape[0], w.shape[0]):
+        raise ValueError(
+            f"hessian: expected shape {(w.shape[0], w.shape[0])} (in_features squared) for w of "
+            f"shape {w.shape}, got {h.shape}."
+        )
+    if not isinstance(h, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(h))):
+        raise ValueError("hessian: contains NaN or Inf.")
+    return w, h
+
+
+def rtn(w, fmt, *, group_size: int | None | str = "preset", calibration="absmax") -> QArray:
+    """Round-to-nearest: ``quantize`` with scales along the input axis (the PTQ baseline)."""
+    from jaxquant.numerics import quantize
+
+    w, _ = _check_layer(w, None)
+    fmt, scaling = layer_scaling(fmt, group_size)
+    return quantize(w, fmt, scaling, calibration=calibration)
+
+
+def layer_error(w, q, hessian) -> jax.Array:
+    """``tr((w − ŵ)ᵀ H (w − ŵ)) / tr(wᵀ H w)``: the layer's relative output error."""
+    w, h = _check_layer(w, hessian)
+    w_hat = q.dequantize(jnp.float32) if isinstance(q, QArray) else jnp.asarray(q, jnp.float32)
+    d = w.astype(jnp.float32) - w_hat
+    w = w.astype(jnp.float32)
+    return jnp.sum(d * (h @ d)) / jnp.sum(w * (h @ w))
+
+
+def _stable_hessian(h, damp: float, max_tries: int = 6):
+    """Dead inputs fixed, damping ``damp · mean(diag H)`` added; on a failed Cholesky the damping
+    grows tenfold, up to ``max_tries`` times, then a ValueError. Returns (H, dead, damp used)."""
+    h = np.asarray(h, np.float64)
+    dead = np.diag(h) == 0
+    h = h.copy()
+    h[dead, dead] = 1.0
+    mean_diag = float(np.mean(np.diag(h)))
+    for attempt in range(max_tries):
+        lam = damp * 10**attempt * mean_diag
+        hd = h + lam * np.eye(h.shape[0])
+        try:
+            np.linalg.cholesky(hd)
+            return hd, dead, lam
+        except np.linalg.LinAlgError:
+            continue
+    raise ValueError(
+        f"hessian: not positive definite even with damping {lam:.3g} "
+        f"({damp} x 10^{max_tries - 1} x mean diagonal); check the calibration data."
+    )
+
+
+def _quant_row(row, stored, fmt, scaling):
+    """Codes and dequantized values of one row ``[out]`` with stored scales ``[1, out]``."""
+    s = scaling_lib.effective_scale(stored, scaling)[0]
+    zero = None if stored.zero is None else stored.zero[0]
+    v = fmt.round(scaling_lib.divide(row, s, zero, scaling))
+    return fmt.encode(v), scaling_lib.multiply(v, s, zero, scaling)
+
+
+def _group_scales(rows, fmt, scaling, calibration, t):
+    """Stored scales ``[1, out]`` for a group of rows ``[g, out]``."""
+    lo, hi, _ = calibration_lib.calibrate(rows, (0,), fmt, scaling, calibration)
+    return scaling_lib.scales_from_range(lo, hi, fmt, scaling, t)
+
+
+def _assemble(codes, scales: list, fmt, scaling, shape, dtype) -> QArray:
+    scale = jnp.concatenate([s.scale for s in scales], axis=0)
+    zero = None if scales[0].zero is None else jnp.concatenate([s.zero for s in scales], axis=0)
+    return QArray(
+        codes=packing.pack(codes, fmt.bits),
+        scale=scale,
+        shape=tuple(shape),
+        dtype=np.dtype(dtype),
+        format=fmt,
+        scaling=scaling,
+        zero=zero,
+        tensor_scale=scales[0].tensor_scale,
+    )
+
+
+def gptq(
+    w,
+    hessian,
+    fmt: formats_lib.Format | Preset,
+    *,
+    group_size: int | None | str = "preset",
+    act_order: bool = False,
+    block_size: int = 128,
+    damp: float = 0.01,
+    static_groups: bool = False,
+    order=None,
+    calibration="absmax",
+) -> QArray:
+    """GPTQ: quantize ``w`` ``[in, out]`` minimizing ``tr((w − ŵ)ᵀ H (w − ŵ))`` row by row.
+
+    Follows the reference implementation: dead inputs (zero Hessian diagonal) get weight 0;
+    damping ``damp · mean(diag H)`` (grown tenfold on a failed Cholesky); ``U = chol(H⁻¹)``
+    upper; lazy updates in blocks of ``block_size`` rows; per-group scales computed when a group
+    starts, from the weights as updated by the previous blocks (or all up front with
+    ``static_groups``); ``act_order`` processes inputs by decreasing ``diag(H)``.
+
+    Args:
+      w: float ``[in_features, out_features]``.
+      hessian: ``[in_features, in_features]``, ``sum x xᵀ`` over calibration tokens.
+      fmt: any scalar format or preset (int 2–8, FP4/MXFP4/NVFP4, NF4, FP8).
+      group_size: overrides the preset's grouping along the input axis (None: per channel).
+      act_order: order rows by decreasing Hessian diagonal. With groups it needs
+        ``static_groups=True`` (a QArray stores groups of consecutive inputs).
+      block_size: rows per lazy-update block.
+      damp: relative damping of the Hessian diagonal.
+      static_groups: compute every group's scale before quantizing.
+      order: an explicit permutation of the rows (overrides ``act_order``), e.g.
+        ``np.arange(in)[::-1]`` for back-to-front.
+      calibration: how each group's (or channel's) range is chosen.
+
+    Returns:
+      A QArray of ``w``'s shape and dtype.
+
+    References: Frantar et al., "GPTQ", arXiv:2210.17323, Alg. 1 and Sec. 4.
+    """
+    w, h = _check_layer(w, hessian)
+    fmt, scaling = layer_scaling(fmt, group_size)
+    k, n = w.shape
+    g = scaling.group_size or k
+    if block_size < 1:
+        raise ValueError(f"block_size={block_size}: expected >= 1.")
+    if order is None and act_order and scaling.group_size and not static_groups:
+        raise ValueError(
+            "act_order=True with group_size needs static_groups=True: groups of consecutive "
+            "inputs are what a QArray stores, so their scales must be fixed before reordering."
+        )
+    hd, dead, _ = _stable_hessian(h, damp)
+    w32 = np.asarray(w, np.float32).copy()
+    w32[dead, :] = 0.0
+    if order is not None:
+        perm = np.asarray(order)
+        if sorted(perm.tolist()) != list(range(k)):
+            raise ValueError(f"order: expected a permutation of range({k}).")
+        if scaling.group_size and not static_groups:
+            raise ValueError("order= with group_size needs static_groups=True (see act_order).")
+    elif act_order:
+        perm = np.argsort(-np.diag(hd), kind="stable")
+    else:
+        perm = np.arange(k)
+    u = np.linalg.cholesky(np.linalg.inv(hd[np.ix_(perm, perm)])).T  # upper: H⁻¹ = Uᵀ U
+    wp = jnp.asarray(w32[perm])
+    u = jnp.asarray(u, jnp.float32)
+
+    cal = calibration_lib.as_calibration(calibration)
+    t = None
+    if scaling.tensor_scale:
+        view = jnp.asarray(w32).reshape(k // g, g, n)
+        lo, hi, _ = calibration_lib.calibrate(view, (1,), fmt, scaling, cal)
+        t = scaling_lib.scales_from_range(lo, hi, fmt, scaling).tensor_scale
+    w0 = jnp.asarray(w32)
+    static = None
+    if static_groups or not scaling.group_size:
+        static = [_group_scales(w0[i : i + g], fmt, scaling, cal, t) for i in range(0, k, g)]
+    groups: list = list(static) if static is not None else [None] * (k // g)
+    codes = jnp.zeros((k, n), jnp.uint8)
+
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1, err = wp[i1:i2], jnp.zeros((i2 - i1, n), jnp.float32)
+        for i in range(i2 - i1):
+            row = i1 + i
+            if static is None and row % g == 0:
+                # the reference reads the block-start weights here, not the in-block updates
+                groups[row // g] = _group_scales(wp[row : row + g], fmt, scaling, cal, t)
+            stored = groups[perm[row] // g]
+            c, q = _quant_row(w1[i], stored, fmt, scaling)
+            codes = codes.at[perm[row]].set(c)
+            e = (w1[i] - q) / u[row, row]
+            w1 = w1.at[i:].add(-jnp.outer(u[row, row:i2], e))
+            err = err.at[i].set(e)
+        wp = wp.at[i2:].add(-(u[i1:i2, i2:].T @ err))
+    return _assemble(codes, groups, fmt, scaling, w.shape, w.dtype)
+
+
+def babai_nearest_plane(w, hessian, fmt, *, group_size=None, scale_from=None, damp: float = 0.01):
+    """Babai's nearest plane on the lattice with Gram matrix ``H``, last basis vector first.
+
+    With ``H = Rᵀ R`` (R upper triangular, from the damped Hessian), the error
+    ``‖R (w − q)‖²`` is a sum over rows k of ``(R_kk (w_k − q_k) + Σ_{j>k} R_kj (w_j − q_j))²``;
+    going from k = in−1 down to 0, each ``q_k`` rounds ``w_k + Σ_{j>k} (R_kj / R_kk)(w_j − q_j)``
+    onto the grid, which makes term k at most ``(R_kk · step_k / 2)²`` when nothing clips.
+    Scales are fixed up front from ``scale_from`` (default ``w``), per channel or per group.
+
+    Returns:
+      A QArray like ``gptq``'s.
+    """
+    w, h = _check_layer(w, hessian)
+    fmt, scaling = layer_scaling(fmt, group_size)
+    k, n = w.shape
+    g = scaling.group_size or k
+    hd, dead, _ = _stable_hessian(h, damp)
+    r = jnp.asarray(np.linalg.cholesky(hd).T, jnp.float32)  # H = Rᵀ R
+    w32 = np.asarray(w, np.float32).copy()
+    w32[dead, :] = 0.0
+    ref = jnp.asarray(w32 if scale_from is None else np.asarray(scale_from, np.float32))
+    cal = calibration_lib.as_calibration("absmax")
+    groups = [_group_scales(ref[i : i + g], fmt, scaling, cal, None) for i in range(0, k, g)]
+    w32 = jnp.asarray(w32)
+    q = jnp.zeros((k, n), jnp.float32)
+    codes = jnp.zeros((k, n), jnp.uint8)
+    for row in reversed(range(k)):
+        shift = (r[row, row + 1 :] / r[row, row]) @ (w32[row + 1 :] - q[row + 1 :])
+        c, v = _quant_row(w32[row] + shift, groups[row // g], fmt, scaling)
+        codes, q = codes.at[row].set(c), q.at[row].set(v)
+    return _assemble(codes, groups, fmt, scaling, w.shape, w.dtype)
+
+
+def babai_error_bound(hessian, scale, *, damp: float = 0.01) -> jax.Array:
+    """Per output channel, ``(step² / 4) Σ_k R_kk²`` for a uniform grid of step ``scale``
+    (``[1, out]``) and ``H = Rᵀ R``: Babai's error bound when nothing clips."""
+    hd, _, _ = _stable_hessian(np.asarray(hessian), damp)
+    r_diag = np.diag(np.linalg.cholesky(hd))  # R = Lᵀ has the same diagonal
+    return jnp.asarray(np.asarray(scale, np.float64) ** 2 / 4 * np.sum(r_diag**2))
