@@ -171,7 +171,8 @@ def gptq(
       damp: relative damping of the Hessian diagonal.
       static_groups: compute every group's scale before quantizing.
       order: an explicit permutation of the rows (overrides ``act_order``), e.g.
-        ``np.arange(in)[::-1]`` for back-to-front.
+        ``np.arange(in)[::-1]`` for back-to-front; or ``'babai'``: the order that greedily
+        minimizes Babai's error bound (``babai_order``).
       calibration: how each group's (or channel's) range is chosen.
 
     Returns:
@@ -193,6 +194,10 @@ def gptq(
     hd, dead, _ = _stable_hessian(h, damp)
     w32 = np.asarray(w, np.float32).copy()
     w32[dead, :] = 0.0
+    if isinstance(order, str):
+        if order != "babai":
+            raise ValueError(f"order={order!r}: expected 'babai', a permutation, or None.")
+        order = babai_order(hd)
     if order is not None:
         perm = np.asarray(order)
         if sorted(perm.tolist()) != list(range(k)):
@@ -277,3 +282,35 @@ def babai_error_bound(hessian, scale, *, damp: float = 0.01) -> jax.Array:
     hd, _, _ = _stable_hessian(np.asarray(hessian), damp)
     r_diag = np.diag(np.linalg.cholesky(hd))  # R = Lᵀ has the same diagonal
     return jnp.asarray(np.asarray(scale, np.float64) ** 2 / 4 * np.sum(r_diag**2))
+
+
+def babai_order(hessian) -> np.ndarray:
+    """A GPTQ row order that makes Babai's error bound ``(step²/4) Σ_k R_kk²`` small.
+
+    ``R_kk²`` is the variance of input k left after conditioning on the inputs before it in the
+    basis order (a Schur complement), and Babai decides the last basis vector first. Choosing
+    the basis greedily, each time the input with the smallest remaining conditional variance
+    (pivoted Cholesky with the minimum pivot), and processing it back to front gives GPTQ's order.
+    It refines act-order (largest ``diag(H)`` first, i.e. unconditional variances). Measured in
+    BENCHMARKS.md (``benchmarks/gptq_order.py``).
+
+    Args:
+      hessian: ``[in, in]`` positive definite (damped) Hessian.
+
+    Returns:
+      int ``[in]``: the rows in the order GPTQ should quantize them.
+    """
+    h = np.asarray(hessian, np.float64)
+    k = h.shape[0]
+    remaining = np.diag(h).copy()  # conditional variances given the chosen inputs
+    factor = np.zeros((k, k))
+    free = np.ones(k, bool)
+    basis = []
+    for i in range(k):
+        j = int(np.argmin(np.where(free, remaining, np.inf)))
+        col = (h[:, j] - factor[:, :i] @ factor[j, :i]) / np.sqrt(remaining[j])
+        factor[:, i] = col
+        remaining -= col**2
+        free[j] = False
+        basis.append(j)
+    return np.asarray(basis[::-1])

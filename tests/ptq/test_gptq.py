@@ -164,3 +164,32 @@ def test_bad_input_raises(call, match):
     w, h = _problem()
     with pytest.raises(ValueError, match=match):
         call(w, h)
+
+
+def _scaled_problem(seed, k=96, n=16):
+    """Correlated inputs whose features differ in scale (as activations do)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((4 * k, k)) * np.exp(rng.normal(0, 1, k))
+    x = x @ (np.eye(k) + 0.3 * rng.standard_normal((k, k)))
+    return rng.standard_normal((k, n)).astype(np.float32), (x.T @ x).astype(np.float32)
+
+
+def test_babai_order_lowers_the_bound_and_the_error_below_act_order():
+    from jaxquant.ptq import babai_order
+
+    fmt = jn.Preset("int3", jn.IntFormat(3), jn.Scaling(axis=0))
+    for seed in range(3):
+        w, h = _scaled_problem(seed)
+        hd = h.astype(np.float64) + 0.01 * np.mean(np.diag(h)) * np.eye(96)
+        order = babai_order(hd)
+        assert sorted(order.tolist()) == list(range(96))
+
+        def bound_sum(gptq_order, hd=hd):
+            basis = np.asarray(gptq_order)[::-1]  # Babai's basis: GPTQ's order reversed
+            return np.sum(np.diag(np.linalg.cholesky(hd[np.ix_(basis, basis)])) ** 2)
+
+        act = np.argsort(-np.diag(hd), kind="stable")
+        assert bound_sum(order) < bound_sum(act) < bound_sum(np.arange(96))
+        e_babai = float(layer_error(w, gptq(w, h, fmt, order="babai", block_size=32), h))
+        e_act = float(layer_error(w, gptq(w, h, fmt, act_order=True, block_size=32), h))
+        assert e_babai < e_act, (seed, e_babai, e_act)
