@@ -184,6 +184,8 @@ def gptq(
     fmt, scaling = layer_scaling(fmt, group_size)
     k, n = w.shape
     g = scaling.group_size or k
+    if k % g:
+        raise ValueError(f"group_size={g} does not divide in_features={k}.")
     if block_size < 1:
         raise ValueError(f"block_size={block_size}: expected >= 1.")
     if order is None and act_order and scaling.group_size and not static_groups:
@@ -208,9 +210,10 @@ def gptq(
         perm = np.argsort(-np.diag(hd), kind="stable")
     else:
         perm = np.arange(k)
-    u = np.linalg.cholesky(np.linalg.inv(hd[np.ix_(perm, perm)])).T  # upper: H⁻¹ = Uᵀ U
-    wp = jnp.asarray(w32[perm])
-    u = jnp.asarray(u, jnp.float32)
+    u = np.linalg.cholesky(np.linalg.inv(hd[np.ix_(perm, perm)])).T.astype(np.float32)
+    # The error feedback runs in numpy f32 on fixed-shape rows; only the quantizer (one row or
+    # one group at a time, so one compiled shape each) runs in JAX.
+    wp = w32[perm].copy()  # [in, out], rows in processing order; upper U: H⁻¹ = Uᵀ U
 
     cal = calibration_lib.as_calibration(calibration)
     t = None
@@ -218,29 +221,30 @@ def gptq(
         view = jnp.asarray(w32).reshape(k // g, g, n)
         lo, hi, _ = calibration_lib.calibrate(view, (1,), fmt, scaling, cal)
         t = scaling_lib.scales_from_range(lo, hi, fmt, scaling).tensor_scale
-    w0 = jnp.asarray(w32)
     static = None
     if static_groups or not scaling.group_size:
-        static = [_group_scales(w0[i : i + g], fmt, scaling, cal, t) for i in range(0, k, g)]
+        static = [
+            _group_scales(jnp.asarray(w32[i : i + g]), fmt, scaling, cal, t) for i in range(0, k, g)
+        ]
     groups: list = list(static) if static is not None else [None] * (k // g)
-    codes = jnp.zeros((k, n), jnp.uint8)
+    codes = np.zeros((k, n), np.uint8)
 
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1, err = wp[i1:i2], jnp.zeros((i2 - i1, n), jnp.float32)
+        w1, err = wp[i1:i2].copy(), np.zeros((i2 - i1, n), np.float32)
         for i in range(i2 - i1):
             row = i1 + i
             if static is None and row % g == 0:
                 # the reference reads the block-start weights here, not the in-block updates
-                groups[row // g] = _group_scales(wp[row : row + g], fmt, scaling, cal, t)
-            stored = groups[perm[row] // g]
-            c, q = _quant_row(w1[i], stored, fmt, scaling)
-            codes = codes.at[perm[row]].set(c)
-            e = (w1[i] - q) / u[row, row]
-            w1 = w1.at[i:].add(-jnp.outer(u[row, row:i2], e))
-            err = err.at[i].set(e)
-        wp = wp.at[i2:].add(-(u[i1:i2, i2:].T @ err))
-    return _assemble(codes, groups, fmt, scaling, w.shape, w.dtype)
+                rows = jnp.asarray(wp[row : row + g])
+                groups[row // g] = _group_scales(rows, fmt, scaling, cal, t)
+            c, q = _quant_row(jnp.asarray(w1[i]), groups[perm[row] // g], fmt, scaling)
+            codes[perm[row]] = np.asarray(c)
+            e = (w1[i] - np.asarray(q)) / u[row, row]
+            w1[i:] -= np.outer(u[row, row:i2], e)
+            err[i] = e
+        wp[i2:] -= u[i1:i2, i2:].T @ err
+    return _assemble(jnp.asarray(codes), groups, fmt, scaling, w.shape, w.dtype)
 
 
 def babai_nearest_plane(w, hessian, fmt, *, group_size=None, scale_from=None, damp: float = 0.01):
@@ -260,19 +264,20 @@ def babai_nearest_plane(w, hessian, fmt, *, group_size=None, scale_from=None, da
     k, n = w.shape
     g = scaling.group_size or k
     hd, dead, _ = _stable_hessian(h, damp)
-    r = jnp.asarray(np.linalg.cholesky(hd).T, jnp.float32)  # H = Rᵀ R
+    r = np.linalg.cholesky(hd).T.astype(np.float32)  # H = Rᵀ R
     w32 = np.asarray(w, np.float32).copy()
     w32[dead, :] = 0.0
     ref = jnp.asarray(w32 if scale_from is None else np.asarray(scale_from, np.float32))
     cal = calibration_lib.as_calibration("absmax")
     groups = [_group_scales(ref[i : i + g], fmt, scaling, cal, None) for i in range(0, k, g)]
-    w32 = jnp.asarray(w32)
-    q = jnp.zeros((k, n), jnp.float32)
-    codes = jnp.zeros((k, n), jnp.uint8)
+    r = np.asarray(r)
+    q = np.zeros((k, n), np.float32)
+    codes = np.zeros((k, n), np.uint8)
     for row in reversed(range(k)):
         shift = (r[row, row + 1 :] / r[row, row]) @ (w32[row + 1 :] - q[row + 1 :])
-        c, v = _quant_row(w32[row] + shift, groups[row // g], fmt, scaling)
-        codes, q = codes.at[row].set(c), q.at[row].set(v)
+        c, v = _quant_row(jnp.asarray(w32[row] + shift), groups[row // g], fmt, scaling)
+        codes[row], q[row] = np.asarray(c), np.asarray(v)
+    codes = jnp.asarray(codes)
     return _assemble(codes, groups, fmt, scaling, w.shape, w.dtype)
 
 
