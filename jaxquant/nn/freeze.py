@@ -19,7 +19,7 @@ from flax import traverse_util
 
 from jaxquant.nn import layers
 from jaxquant.nn.rules import QuantConfig, QuantRule
-from jaxquant.numerics import QArray
+from jaxquant.numerics.qarray import is_qarray
 
 _Q_LAYERS = (layers.QDense, layers.QDenseGeneral, layers.QEinsum, layers.QEmbed)
 
@@ -112,8 +112,8 @@ def serving_params(params, quant):
     return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in frozen}, sep="/")
 
 
-def _is_qarray(_, x) -> bool:
-    return isinstance(x, QArray)
+def _is_qarray(_, x) -> bool:  # traverse_util's is_leaf signature
+    return is_qarray(x)
 
 
 def _nbytes(x) -> int:
@@ -142,13 +142,20 @@ def freeze(model: nn.Module, params, *args, rules=None, **kwargs):
             )
         rules = model.quant.rules
     config = QuantConfig(mode="freeze", rules=tuple(rules))
-    variables = {"params": params}
-    if _has_quant_field(model):
-        _, state = model.clone(quant=config).apply(variables, *args, mutable=["quant"], **kwargs)
-    else:
-        with intercept(config):
-            _, state = model.apply(variables, *args, mutable=["quant"], **kwargs)
-    quant = jax.tree.map(lambda x: x, state.get("quant", {}))
+
+    # One compiled pass (the sample input's values do not matter), not eager per-op dispatch.
+    @jax.jit
+    def frozen(params, args):
+        variables = {"params": params}
+        if _has_quant_field(model):
+            m = model.clone(quant=config)
+            _, state = m.apply(variables, *args, mutable=["quant"], **kwargs)
+        else:
+            with intercept(config):
+                _, state = model.apply(variables, *args, mutable=["quant"], **kwargs)
+        return state.get("quant", {})
+
+    quant = frozen(params, args)
     return quant, _report(params, quant, config)
 
 

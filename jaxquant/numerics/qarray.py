@@ -108,6 +108,11 @@ class QArray:
         return 8 * self.nbytes / (self.size * math.prod(self._batch_shape))
 
 
+def is_qarray(x) -> bool:
+    """For ``is_leaf=`` in tree maps that should stop at QArrays."""
+    return isinstance(x, QArray)
+
+
 def resolve(fmt, scaling: scaling_lib.Scaling | None):
     """(format, scaling) from a Format or a Preset, with an explicit ``scaling`` winning."""
     if isinstance(fmt, Preset):

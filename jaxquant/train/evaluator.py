@@ -32,6 +32,7 @@ from jaxquant.data import eval_batches
 from jaxquant.models import Llama
 from jaxquant.nn import QuantConfig, QuantRule, freeze, serving_params
 from jaxquant.numerics import INT4, INT8, QArray
+from jaxquant.numerics.qarray import is_qarray
 
 
 def cross_entropy(
@@ -87,14 +88,10 @@ def default_variants() -> dict[str, tuple[QuantRule, ...]]:
     }
 
 
-def _is_qarray(x) -> bool:
-    return isinstance(x, QArray)
-
-
 def _size_and_bytes(variables) -> tuple[int, int]:
     """(number of parameters, bytes) of every array in ``variables``, QArrays by their shape."""
     num, nbytes = 0, 0
-    for leaf in jax.tree.leaves(variables, is_leaf=_is_qarray):
+    for leaf in jax.tree.leaves(variables, is_leaf=is_qarray):
         if isinstance(leaf, QArray):
             num, nbytes = num + leaf.size, nbytes + leaf.nbytes
         else:
@@ -266,7 +263,7 @@ class Evaluator:
         sample = jnp.zeros((1, self.seq_len), jnp.int32)
         for name, rules in variants.items():
             rules = tuple(rules)
-            quant, report = _jit_freeze(self.model, params, sample, rules)
+            quant, report = freeze(self.model, params, sample, rules=rules)
             served = self.model.clone(quant=QuantConfig(mode="serve", rules=rules))
             results.append(
                 self.evaluate(
@@ -278,21 +275,6 @@ class Evaluator:
                 )
             )
         return results
-
-
-def _jit_freeze(model: nn.Module, params, sample: jax.Array, rules: tuple[QuantRule, ...]):
-    """``freeze`` under one ``jit``: one compilation instead of eager per-op dispatch."""
-    reports = []
-
-    def frozen(params):
-        quant, report = freeze(model, params, sample, rules=rules)
-        # The report is built from shapes and dtypes only (static under tracing), so it
-        # leaves the trace as plain Python data.
-        reports.append(report)
-        return quant
-
-    quant = jax.jit(frozen)(params)
-    return quant, reports[0]
 
 
 def _human_bytes(n: int) -> str:

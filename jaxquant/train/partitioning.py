@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxquant.numerics import QArray
+from jaxquant.numerics.qarray import is_qarray
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -256,10 +257,6 @@ def _view_sharding(weight: NamedSharding, shape, view_shape) -> NamedSharding:
     return NamedSharding(weight.mesh, P(*new))
 
 
-def _is_qarray(x) -> bool:
-    return isinstance(x, QArray)
-
-
 def state_shardings(abstract_variables, mesh: Mesh, rules=DEFAULT_RULES):
     """Shardings for a Flax model's unboxed variables, from its abstract boxed variables.
 
@@ -291,11 +288,11 @@ def state_shardings(abstract_variables, mesh: Mesh, rules=DEFAULT_RULES):
     flat_params = traverse_util.flatten_dict(out.get("params", {}), sep="/")
     param_shapes = traverse_util.flatten_dict(nn.unbox(variables).get("params", {}), sep="/")
     flat_quant = traverse_util.flatten_dict(
-        nn.unbox(quant), sep="/", is_leaf=lambda _, x: _is_qarray(x)
+        nn.unbox(quant), sep="/", is_leaf=lambda _, x: is_qarray(x)
     )
     flat_out = {}
     for path, q in flat_quant.items():
-        if _is_qarray(q):
+        if is_qarray(q):
             weight = flat_params.get(path)
             if weight is not None and path in param_shapes:
                 weight = _view_sharding(weight, tuple(param_shapes[path].shape), tuple(q.shape))
