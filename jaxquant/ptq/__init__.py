@@ -1,6 +1,7 @@
-"""jaxquant.ptq: post-training quantization of layers (RTN, GPTQ, Babai's nearest plane).
+"""jaxquant.ptq: post-training quantization.
 
-The model-wide, layer-sequential pipeline (``quantize_model``) builds on these next.
+Layers: ``rtn``, ``gptq`` (jitted), ``babai_nearest_plane`` and its bound and order.
+Models: ``quantize_model`` (GPTQ block by block on cached hidden states, or RTN).
 """
 
 from jaxquant.ptq.gptq import (
@@ -11,12 +12,16 @@ from jaxquant.ptq.gptq import (
     layer_error,
     rtn,
 )
+from jaxquant.ptq.pipeline import LayerResult, PTQReport, quantize_model
 
 __all__ = [
+    "LayerResult",
+    "PTQReport",
     "babai_error_bound",
     "babai_nearest_plane",
     "babai_order",
     "gptq",
     "layer_error",
+    "quantize_model",
     "rtn",
 ]
