@@ -1,6 +1,9 @@
 """Train, evaluate or quantize a jaxquant model.
 
-  python train.py --config=configs/shakespeare_tiny.py --workdir=/tmp/tiny [--mode=train|eval]
+  python train.py --config=configs/shakespeare_tiny.py --workdir=/tmp/tiny [--mode=train|eval|ptq]
+
+--mode=ptq quantizes the latest checkpoint with RTN and GPTQ (config.ptq), saves each variant
+under workdir/ptq/ and prints float vs RTN vs GPTQ.
 
 Flags override config fields: --config.train.num_steps=200 --config.optim.lr=1e-3.
 Multi-host: --coordinator_address=host:port --num_processes=N --process_id=i on every process.
@@ -16,7 +19,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard logs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (then evaluate), or eval.")
+_MODE = flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval", "ptq"],
+    "train (then evaluate); eval a checkpoint; ptq: quantize a checkpoint (RTN, GPTQ).",
+)
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs."
 )
@@ -42,6 +50,10 @@ def main(argv):
 
     if _MODE.value == "train":
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    elif _MODE.value == "ptq":
+        from jaxquant.train import ptq
+
+        ptq.quantize_checkpoint(_CONFIG.value, _WORKDIR.value)
     else:
         trainer.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
 

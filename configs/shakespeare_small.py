@@ -30,5 +30,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if "runlocal" in options:
         local = shakespeare_tiny.get_config("runlocal")
         c.model, c.train = local.model, local.train
-        c.optim.warmup_steps, c.eval = local.optim.warmup_steps, local.eval
+        c.optim.warmup_steps, c.eval, c.ptq = local.optim.warmup_steps, local.eval, local.ptq
     return c

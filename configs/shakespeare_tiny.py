@@ -5,6 +5,8 @@ Run:
   python train.py --config=configs/shakespeare_tiny.py:qat_int8 --workdir=/tmp/tiny_int8
   python train.py --config=configs/shakespeare_tiny.py:qat_int4 --workdir=/tmp/tiny_int4
   python train.py --config=configs/shakespeare_tiny.py --workdir=/tmp/tiny --mode=eval
+  python train.py --config=configs/shakespeare_tiny.py --workdir=/tmp/tiny --mode=ptq \
+      --config.ptq.format=int4_g128,mxfp4 --config.ptq.num_calibration_batches=16
 
 The argument (after ':') is a comma-separated list of: ``qat_int8`` (int8 weights and
 activations in QAT), ``qat_int4`` (int4 weights), ``runlocal`` (a few steps of a smaller model,
@@ -67,10 +69,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.max_batches = 0  # 0: the whole validation split
     c.eval.variants = "int8,int4"
 
+    # --mode=ptq: quantize the trained checkpoint (jaxquant.train.ptq)
+    c.ptq = ml_collections.ConfigDict()
+    c.ptq.method = "gptq"  # or "rtn"; gptq prints the RTN baseline too
+    c.ptq.format = "int4_g128,int3_g128,int2_g128"  # get_preset names, comma-separated
+    c.ptq.group_size = 0  # 0: each preset's grouping; N > 0: groups of N inputs
+    c.ptq.num_calibration_batches = 8  # of train.batch_size x train.seq_len tokens
+    c.ptq.block_size = 128
+    c.ptq.damp = 0.01
+    c.ptq.act_order = False
+
     if "runlocal" in options:
         c.model.embed_dim, c.model.num_layers, c.model.mlp_dim = 32, 1, 64
         c.train.batch_size, c.train.seq_len, c.train.num_steps = 8, 32, 6
         c.train.log_every, c.train.checkpoint_every = 1, 3
         c.optim.warmup_steps = 2
         c.eval.batch_size, c.eval.max_batches = 8, 4
+        c.ptq.format, c.ptq.group_size, c.ptq.num_calibration_batches = "int4_g128", 16, 2
     return c

@@ -1,0 +1,96 @@
+"""``train.py --mode=ptq`` on a freshly trained tiny model: the table, the saved checkpoints."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import shakespeare_tiny
+from jaxquant.nn import QuantConfig, serving_params
+from jaxquant.train import ptq, trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _run(*args, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ptq") / "tiny"
+    config = "--config=" + str(ROOT / "configs/shakespeare_tiny.py") + ":runlocal"
+    out = _run(config, f"--workdir={workdir}", "--config.eval.variants=", cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return config, workdir
+
+
+def test_ptq_mode_prints_float_rtn_and_gptq_and_saves_each_variant(trained):
+    config, workdir = trained
+    out = _run(
+        config,
+        f"--workdir={workdir}",
+        "--mode=ptq",
+        "--config.ptq.format=int4_g128,int2_g128",
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {}
+    for line in out.stdout.splitlines():
+        m = re.match(r"\| (\w+) \| ([\d.]+) \| ([+-][\d.]+) \|.*\| ([\d.]+) \| .*\|$", line)
+        if m:
+            rows[m.group(1)] = (float(m.group(2)), float(m.group(4)))
+    names = ["float", "rtn_int4_g128", "gptq_int4_g128", "rtn_int2_g128", "gptq_int2_g128"]
+    assert list(rows) == names, out.stdout
+    assert rows["float"][1] == 32.0
+    assert rows["rtn_int4_g128"][1] == rows["gptq_int4_g128"][1] < 32  # same storage
+    assert "layer error / RTN's" in out.stdout
+    assert "ptq gptq int2_g128" in out.stdout  # the progress bar over layers
+    for name in names[1:]:
+        meta = json.loads((workdir / "ptq" / name / "meta.json").read_text())
+        assert meta["method"] == name.split("_")[0]
+        assert meta["val_loss"] == pytest.approx(rows[name][0], abs=1e-4)
+
+
+def test_saved_gptq_checkpoint_restores_and_serves_its_reported_loss(trained):
+    _, workdir = trained
+    cfg = shakespeare_tiny.get_config("runlocal")
+    cfg.ptq.format = "int4_g128"
+    t = trainer.Trainer(cfg, workdir)
+    with t.checkpoint_manager() as manager:
+        state = t.restore_or_init(manager)
+    params = jax.device_get(state.params)
+    rules = ptq.ptq_rules("int4_g128", cfg.ptq.group_size)
+    sample = np.zeros((1, cfg.train.seq_len), np.int32)
+    quant = ptq.load_quant(workdir / "ptq" / "gptq_int4_g128", t.float_model, params, rules, sample)
+    served = t.float_model.clone(quant=QuantConfig(mode="serve", rules=rules))
+    result = t.evaluator().evaluate(
+        {"params": serving_params(params, quant), "quant": quant}, model=served
+    )
+    meta = json.loads((workdir / "ptq" / "gptq_int4_g128" / "meta.json").read_text())
+    assert result.loss == pytest.approx(meta["val_loss"], abs=1e-6)
+
+
+def test_ptq_mode_errors_name_the_problem(trained, tmp_path):
+    config, workdir = trained
+    out = _run(config, f"--workdir={tmp_path / 'empty'}", "--mode=ptq", cwd=ROOT)
+    assert out.returncode != 0 and "no checkpoint" in out.stderr
+    out = _run(config, f"--workdir={workdir}", "--mode=ptq", "--config.ptq.format=int5", cwd=ROOT)
+    assert out.returncode != 0 and "preset 'int5'" in out.stderr
+    out = _run(config, f"--workdir={workdir}", "--mode=ptq", "--config.ptq.method=awq", cwd=ROOT)
+    assert out.returncode != 0 and "config.ptq.method" in out.stderr
