@@ -7,7 +7,8 @@ validation split and its 'quant' collection saved under ``workdir/ptq/<method>_<
 
 Config fields (``config.ptq``):
   method:                   ``'gptq'`` (prints RTN too, as the baseline) or ``'rtn'``.
-  format:                   comma-separated presets (``jaxquant.numerics.get_preset`` names).
+  format:                   comma-separated presets (``jaxquant.numerics.get_preset`` names),
+                            optionally regrouped by a suffix: ``int4_g64``.
   group_size:               0 keeps each preset's grouping; N > 0 groups N inputs.
   num_calibration_batches:  batches of ``config.train`` shape drawn from the training split.
   block_size, damp, act_order: GPTQ's options.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -37,9 +39,23 @@ from jaxquant.train.trainer import Trainer
 _BAR_WIDTH = 20
 
 
-def ptq_rules(fmt: str, group_size: int) -> tuple[QuantRule, ...]:
-    """Weight-only rules for every linear layer: preset ``fmt``, regrouped if ``group_size``."""
-    preset = numerics.get_preset(fmt)
+def ptq_rules(fmt: str, group_size: int = 0) -> tuple[QuantRule, ...]:
+    """Weight-only rules for every linear layer: preset ``fmt``, regrouped if ``group_size``.
+
+    ``fmt`` is a preset name (``'int4_g128'``, ``'mxfp4'``), or one with a group suffix
+    ``'<preset>_g<N>'`` (``'int4_g64'``: INT4 in groups of 64 inputs; ``'int3_g64'``:
+    INT3_G128 regrouped).
+    """
+    try:
+        preset = numerics.get_preset(fmt)
+    except ValueError:
+        m = re.fullmatch(r"(.+)_g(\d+)", fmt)
+        if m is None:
+            raise
+        base = m.group(1).upper()
+        grouped = [n for n in numerics.PRESETS if re.fullmatch(rf"{re.escape(base)}_G\d+", n)]
+        preset = numerics.get_preset(base if base in numerics.PRESETS else (grouped or [fmt])[0])
+        preset = preset.with_group_size(int(m.group(2)))
     if group_size:
         preset = preset.with_group_size(group_size)
     return (QuantRule(".*", weight=preset),)
@@ -101,7 +117,12 @@ def load_quant(path: str | os.PathLike, model: nn.Module, params, rules, sample)
 
 
 def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
-    """Quantizes the latest checkpoint of ``workdir`` per ``config.ptq``; prints the table."""
+    """Quantizes the latest checkpoint of ``workdir`` per ``config.ptq``; prints the table.
+
+    Returns:
+      ``(results, reports)``: the ``EvalResult`` of float and of every variant, in table
+      order, and the ``PTQReport`` of every variant by name (``'gptq_int4_g128'``).
+    """
     c = config.ptq
     if c.method not in ("gptq", "rtn"):
         raise ValueError(f"config.ptq.method={c.method!r}: expected 'gptq' or 'rtn'.")
@@ -125,6 +146,7 @@ def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
     methods = ["rtn", "gptq"] if c.method == "gptq" else ["rtn"]
     lead = jax.process_index() == 0
     summaries = []
+    reports = {}
     for fmt in formats:
         rules = rules_by_format[fmt]
         for method in methods:
@@ -143,6 +165,7 @@ def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
             )
             seconds = time.perf_counter() - t0
             name = f"{method}_{fmt}"
+            reports[name] = report
             served = model.clone(quant=QuantConfig(mode="serve", rules=rules))
             results.append(
                 evaluator.evaluate(
@@ -174,4 +197,4 @@ def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
         print(evaluator_lib.format_table(results))
         for line in summaries:
             print(line)
-    return results
+    return results, reports

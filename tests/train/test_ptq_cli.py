@@ -94,3 +94,24 @@ def test_ptq_mode_errors_name_the_problem(trained, tmp_path):
     assert out.returncode != 0 and "preset 'int5'" in out.stderr
     out = _run(config, f"--workdir={workdir}", "--mode=ptq", "--config.ptq.method=awq", cwd=ROOT)
     assert out.returncode != 0 and "config.ptq.method" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "name,fmt,group",
+    [
+        ("int4_g128", "int4", 128),
+        ("int4_g64", "int4", 64),
+        ("int3_g32", "int3", 32),
+        ("nf4", "nf4", 64),
+    ],
+)
+def test_ptq_rules_take_preset_names_and_group_suffixes(name, fmt, group):
+    (rule,) = ptq.ptq_rules(name)
+    assert rule.weight.format.format.name == fmt
+    assert rule.weight.format.scaling.group_size == group
+    assert ptq.ptq_rules(name, 16)[0].weight.format.scaling.group_size == 16
+
+
+def test_ptq_rules_reject_unknown_names():
+    with pytest.raises(ValueError, match="preset"):
+        ptq.ptq_rules("int5_g64")
