@@ -264,17 +264,20 @@ class Evaluator:
         for name, rules in variants.items():
             rules = tuple(rules)
             quant, report = freeze(self.model, params, sample, rules=rules)
-            served = self.model.clone(quant=QuantConfig(mode="serve", rules=rules))
-            results.append(
-                self.evaluate(
-                    {"params": serving_params(params, quant), "quant": quant},
-                    model=served,
-                    name=name,
-                    bits_per_weight=report.bits_per_weight,
-                    model_bytes=report.model_bytes,
-                )
-            )
+            results.append(self.evaluate_quantized(params, quant, rules, report, name=name))
         return results
+
+    def evaluate_quantized(self, params, quant, rules, report, *, name: str) -> EvalResult:
+        """The model served from ``quant`` (made with ``rules``), sized by ``report`` (a
+        ``FreezeReport`` or a ``PTQReport``: its ``bits_per_weight`` and ``model_bytes``)."""
+        served = self.model.clone(quant=QuantConfig(mode="serve", rules=tuple(rules)))
+        return self.evaluate(
+            {"params": serving_params(nn.unbox(params), quant), "quant": quant},
+            model=served,
+            name=name,
+            bits_per_weight=report.bits_per_weight,
+            model_bytes=report.model_bytes,
+        )
 
 
 def _human_bytes(n: int) -> str:

@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 
 from jaxquant import numerics
 from jaxquant.data import BatchIterator
-from jaxquant.nn import QuantConfig, QuantRule, freeze, serving_params
+from jaxquant.nn import QuantRule, freeze
 from jaxquant.ptq import LayerResult, quantize_model
 from jaxquant.train import evaluator as evaluator_lib
 from jaxquant.train import metrics as metrics_lib
@@ -166,16 +166,7 @@ def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
             seconds = time.perf_counter() - t0
             name = f"{method}_{fmt}"
             reports[name] = report
-            served = model.clone(quant=QuantConfig(mode="serve", rules=rules))
-            results.append(
-                evaluator.evaluate(
-                    {"params": serving_params(params, quant), "quant": quant},
-                    model=served,
-                    name=name,
-                    bits_per_weight=report.bits_per_weight,
-                    model_bytes=report.model_bytes,
-                )
-            )
+            results.append(evaluator.evaluate_quantized(params, quant, rules, report, name=name))
             meta = {
                 "method": method,
                 "format": fmt,
