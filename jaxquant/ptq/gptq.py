@@ -277,6 +277,7 @@ def _gptq_jit(w, h, perm, lam, *, fmt, scaling, calibration, block, group, dynam
         scales.scale.reshape(k // g, n),
         None if scales.zero is None else scales.zero.reshape(k // g, n),
         t,
+        rows=k,
         fmt=fmt,
         scaling=scaling,
         calibration=calibration,
@@ -318,15 +319,30 @@ def _segments(num_blocks: int) -> list[tuple[int, int]]:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("fmt", "scaling", "calibration", "block", "group", "dynamic")
+    jax.jit,
+    static_argnames=("rows", "fmt", "scaling", "calibration", "block", "group", "dynamic"),
 )
 def _gptq_loop(
-    wp, u, row_group, scale, zero, tensor_scale, *, fmt, scaling, calibration, block, group, dynamic
+    wp,
+    u,
+    row_group,
+    scale,
+    zero,
+    tensor_scale,
+    *,
+    rows,
+    fmt,
+    scaling,
+    calibration,
+    block,
+    group,
+    dynamic,
 ):
     """GPTQ's error feedback on rows in processing order, jitted.
 
     Args:
-      wp: f32 ``[kp, n]`` weights in processing order, padded to a multiple of ``block`` rows.
+      wp: f32 ``[kp, n]`` weights in processing order, padded to a multiple of ``block`` rows
+        (``rows`` of them are real).
       u: f32 ``[kp, kp]`` upper factor of the permuted ``H⁻¹`` (identity on padded rows).
       row_group: int32 ``[kp]`` the group (scale row) of each processed row.
       scale, zero: stored scales ``[groups, n]`` (zero may be None). With ``dynamic``, a group's
@@ -366,7 +382,7 @@ def _gptq_loop(
                 row = i1 + i
                 if dynamic and ut.shape[0] >= group:  # else no group starts in this segment
                     scale, zero = lax.cond(
-                        (row + r0) % group == 0,
+                        ((row + r0) % group == 0) & (row + r0 < rows),  # not padding
                         lambda sz: refresh(sz, row),
                         lambda sz: sz,
                         (scale, zero),

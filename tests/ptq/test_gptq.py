@@ -109,6 +109,17 @@ def test_gptq_codes_equal_a_numpy_reference(name, fmt, group, sym, act_order):
     assert np.all(np.asarray(q.dequantize())[5] == 0)
 
 
+@pytest.mark.parametrize("block_size", [32, 20, 7])
+def test_a_block_size_that_does_not_divide_in_features_gives_the_same_codes(block_size):
+    """Rows are padded to whole blocks; padding must not touch real rows or group scales."""
+    w, h = _problem(k=48, n=6, seed=7)
+    fmt = jn.Preset("int3", jn.IntFormat(3), jn.Scaling(axis=0, group_size=16))
+    q = gptq(w, h, fmt, block_size=block_size)
+    ref_deq, ref_codes = _np_gptq(w, h, 3, 16, block=block_size)
+    np.testing.assert_array_equal(_codes(q), ref_codes)
+    np.testing.assert_allclose(np.asarray(q.dequantize()), ref_deq, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "preset", [jn.INT4_G128, jn.MXFP4, jn.NVFP4, jn.NF4, jn.INT3_G128], ids=str
 )
