@@ -38,6 +38,7 @@ _FORMATS = flags.DEFINE_list(
     "Presets to compare (``<preset>_g<N>`` regroups a preset).",
 )
 _BATCHES = flags.DEFINE_integer("calibration_batches", 8, "Calibration batches.")
+_ORDER = flags.DEFINE_enum("order", "", ["", "act", "babai"], "GPTQ's row order.")
 
 
 def main(argv):
@@ -45,6 +46,7 @@ def main(argv):
     config = _CONFIG.value
     config.ptq.method = "gptq"
     config.ptq.num_calibration_batches = _BATCHES.value
+    config.ptq.order = _ORDER.value
     config.ptq.format, config.ptq.group_size = ",".join(_FORMATS.value), 0
     res, reports = ptq.quantize_checkpoint(config, _WORKDIR.value)
     results = {r.name: r for r in res}

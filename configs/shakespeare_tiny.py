@@ -77,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ptq.num_calibration_batches = 8  # of train.batch_size x train.seq_len tokens
     c.ptq.block_size = 128
     c.ptq.damp = 0.01
-    c.ptq.act_order = False
+    c.ptq.order = ""  # GPTQ row order: "" (input order), "act" or "babai"
 
     if "runlocal" in options:
         c.model.embed_dim, c.model.num_layers, c.model.mlp_dim = 32, 1, 64

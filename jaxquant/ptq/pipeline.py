@@ -216,7 +216,7 @@ def quantize_model(
     blocks: str = r"layers_\d+",
     block_size: int = 128,
     damp: float = 0.01,
-    act_order: bool = False,
+    order: str | None = None,
     progress: Callable[[int, int, LayerResult], None] | None = None,
     return_report: bool = False,
 ):
@@ -232,8 +232,10 @@ def quantize_model(
       method: ``'gptq'`` or ``'rtn'`` (round to nearest: ``freeze``, no calibration needed).
       blocks: regex (full match) of the block paths, e.g. ``r'layers_\\d+'``; without a match
         the whole model is one stage (Hessians from the float model).
-      block_size, damp, act_order: passed to ``gptq`` (``act_order`` fixes group scales up
-        front: ``static_groups=True``).
+      block_size, damp: passed to ``gptq``.
+      order: GPTQ's row order: None (input order), ``'act'`` (act-order: decreasing
+        ``diag(H)``) or ``'babai'`` (``babai_order``); the last two fix group scales up front
+        (``static_groups=True``).
       progress: called after each weight as ``progress(done, total, layer_result)``.
       return_report: also return a ``PTQReport``.
 
@@ -245,6 +247,8 @@ def quantize_model(
     start_time = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"quantize_model method={method!r}: expected one of {METHODS}.")
+    if order not in (None, "act", "babai"):
+        raise ValueError(f"quantize_model order={order!r}: expected None, 'act' or 'babai'.")
     rules = tuple(rules)
     if not rules or not all(isinstance(r, QuantRule) for r in rules):
         raise ValueError(f"quantize_model rules={rules!r}: expected a non-empty list of QuantRule.")
@@ -352,7 +356,7 @@ def quantize_model(
                 path,
                 block_size=block_size,
                 damp=damp,
-                act_order=act_order,
+                order=order,
             )
             quant_flat[path] = q
             w = flat_params[path]
@@ -421,14 +425,15 @@ def _quantize_weight(w, q_rtn: QArray, hessian, rule: QuantRule, path: str, **gp
     if reason is not None:
         return f"rtn ({reason})", q_rtn, float(err_rtn), float(err_rtn)
     preset = Preset(str(rule.weight.format), q_rtn.format, dataclasses.replace(scaling, axis=0))
-    act_order = gptq_kwargs.pop("act_order")
+    order = gptq_kwargs.pop("order")
     q2 = gptq(
         w2,
         hessian,
         preset,
         calibration=rule.weight.calibration,
-        act_order=act_order,
-        static_groups=act_order,
+        act_order=order == "act",
+        order="babai" if order == "babai" else None,
+        static_groups=order is not None,
         **gptq_kwargs,
     )
     q, err = _finish(q2, w2, hessian, tuple(q_rtn.shape), axis, scaling, q_rtn.dtype)

@@ -11,7 +11,8 @@ Config fields (``config.ptq``):
                             optionally regrouped by a suffix: ``int4_g64``.
   group_size:               0 keeps each preset's grouping; N > 0 groups N inputs.
   num_calibration_batches:  batches of ``config.train`` shape drawn from the training split.
-  block_size, damp, act_order: GPTQ's options.
+  block_size, damp:         GPTQ's options.
+  order:                    GPTQ's row order: '' (input order), 'act' or 'babai'.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
                 method,
                 block_size=c.block_size,
                 damp=c.damp,
-                act_order=c.act_order,
+                order=c.order or None,
                 progress=_LayerBar(f"{method} {fmt}") if lead and method == "gptq" else None,
                 return_report=True,
             )

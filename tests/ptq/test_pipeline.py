@@ -85,6 +85,18 @@ def test_gptq_beats_rtn_on_every_layer_of_the_report(llama):
         assert r.error < r.rtn_error, r
 
 
+@pytest.mark.parametrize("order", ["act", "babai"])
+def test_row_orders_run_through_the_pipeline_with_static_groups(llama, order):
+    model, params, batches, _, _ = llama
+    rules = (QuantRule("layers_1/mlp", weight=jn.INT3_G128.with_group_size(16)),)
+    _, report = quantize_model(model, params, batches, rules, order=order, return_report=True)
+    assert [r.path for r in report.layers] == [
+        f"layers_1/mlp/{n}/kernel" for n in ("down", "gate", "up")
+    ]
+    for r in report.layers:
+        assert r.method == "gptq" and r.error < r.rtn_error, r
+
+
 def test_rtn_method_equals_freeze(llama):
     model, params, batches, _, _ = llama
     got = quantize_model(model, params, batches, RULES, method="rtn")
@@ -170,6 +182,7 @@ class _TupleModel(nn.Module):
         (dict(rules=()), "rules"),
         (dict(rules=(QuantRule("nothing_here", weight=jn.INT4),)), "no rule matched"),
         (dict(batches=[]), "empty"),
+        (dict(order="random"), "order"),
     ],
 )
 def test_bad_input_raises(llama, kwargs, match):
