@@ -31,17 +31,12 @@ def _run(*args, cwd):
     )
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("ptq") / "tiny"
+def test_ptq_mode_prints_float_rtn_and_gptq_saves_each_variant_and_they_restore(tmp_path):
+    """One test (the steps share a trained workdir, and pytest-xdist may split tests)."""
+    workdir = tmp_path / "tiny"
     config = "--config=" + str(ROOT / "configs/shakespeare_tiny.py") + ":runlocal"
     out = _run(config, f"--workdir={workdir}", "--config.eval.variants=", cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
-    return config, workdir
-
-
-def test_ptq_mode_prints_float_rtn_and_gptq_and_saves_each_variant(trained):
-    config, workdir = trained
     out = _run(
         config,
         f"--workdir={workdir}",
@@ -66,11 +61,8 @@ def test_ptq_mode_prints_float_rtn_and_gptq_and_saves_each_variant(trained):
         assert meta["method"] == name.split("_")[0]
         assert meta["val_loss"] == pytest.approx(rows[name][0], abs=1e-4)
 
-
-def test_saved_gptq_checkpoint_restores_and_serves_its_reported_loss(trained):
-    _, workdir = trained
+    # The saved GPTQ variant restores and serves exactly its reported loss.
     cfg = shakespeare_tiny.get_config("runlocal")
-    cfg.ptq.format = "int4_g128"
     t = trainer.Trainer(cfg, workdir)
     with t.checkpoint_manager() as manager:
         state = t.restore_or_init(manager)
@@ -86,13 +78,14 @@ def test_saved_gptq_checkpoint_restores_and_serves_its_reported_loss(trained):
     assert result.loss == pytest.approx(meta["val_loss"], abs=1e-6)
 
 
-def test_ptq_mode_errors_name_the_problem(trained, tmp_path):
-    config, workdir = trained
-    out = _run(config, f"--workdir={tmp_path / 'empty'}", "--mode=ptq", cwd=ROOT)
+def test_ptq_mode_errors_name_the_problem(tmp_path):
+    config = "--config=" + str(ROOT / "configs/shakespeare_tiny.py") + ":runlocal"
+    workdir = f"--workdir={tmp_path / 'empty'}"
+    out = _run(config, workdir, "--mode=ptq", cwd=ROOT)
     assert out.returncode != 0 and "no checkpoint" in out.stderr
-    out = _run(config, f"--workdir={workdir}", "--mode=ptq", "--config.ptq.format=int5", cwd=ROOT)
+    out = _run(config, workdir, "--mode=ptq", "--config.ptq.format=int5", cwd=ROOT)
     assert out.returncode != 0 and "preset 'int5'" in out.stderr
-    out = _run(config, f"--workdir={workdir}", "--mode=ptq", "--config.ptq.method=awq", cwd=ROOT)
+    out = _run(config, workdir, "--mode=ptq", "--config.ptq.method=awq", cwd=ROOT)
     assert out.returncode != 0 and "config.ptq.method" in out.stderr
 
 
