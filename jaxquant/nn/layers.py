@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen import meta
@@ -82,7 +83,17 @@ def dense_general(module, inputs, config: QuantConfig, role: str = "linear"):
         config,
         rule,
     )
-    kernel = ops.as_kernel(kernel, kernel_shape)
+    # A QArray frozen in its merged view [K, *features] is served as is (the kernel reads it)
+    # when the input's contracted axes are trailing: they merge into K by a free reshape.
+    merged = (
+        isinstance(kernel, QArray)
+        and tuple(kernel.shape) != kernel_shape
+        and not n_batch
+        and axis == tuple(range(ndim - n_axis, ndim))
+        and (rule is None or rule.act is None)
+    )
+    if not merged:
+        kernel = ops.as_kernel(kernel, kernel_shape)
     bias = None
     if module.use_bias:
 
@@ -96,12 +107,16 @@ def dense_general(module, inputs, config: QuantConfig, role: str = "linear"):
         bias = module.param("bias", bias_init_wrap, batch_shape + features, module.param_dtype)
     inputs, kernel, bias = _promote(module, inputs, kernel, bias)
     dot_general = ops.quant_dot_general(module, config, rule, _base_dot_general(module))
-    out = dot_general(
-        inputs,
-        kernel,
-        ((axis, contract_ind), (batch_dims, tuple(range(n_batch)))),
-        precision=module.precision,
-    )
+    if merged:
+        x = inputs.reshape(inputs.shape[: ndim - n_axis] + (-1,))
+        out = dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision)
+    else:
+        out = dot_general(
+            inputs,
+            kernel,
+            ((axis, contract_ind), (batch_dims, tuple(range(n_batch)))),
+            precision=module.precision,
+        )
     if bias is not None:
         expanded = tuple(
             inputs.shape[a] if a in batch_dims else 1 for a in range(ndim) if a not in axis
@@ -117,6 +132,20 @@ def einsum_contracting(einsum_str: str) -> tuple[int, ...]:
     if "." in rhs:
         raise ValueError(f"einsum_str={einsum_str!r}: ellipsis in the kernel is not supported.")
     return tuple(i for i, c in enumerate(rhs) if c in lhs and c not in out)
+
+
+def _matmul_einsum(einsum_str: str) -> int:
+    """``len(C)`` when ``einsum_str`` is ``'AC,CF->AF'`` (the kernel's leading axes are the
+    contracted ones, in the input's trailing order, and nothing else is shared), else 0."""
+    lhs, rest = einsum_str.split(",")
+    rhs, out = rest.split("->")
+    c = "".join(ch for ch in rhs if ch in lhs and ch not in out)
+    if not c or "." in einsum_str or not rhs.startswith(c) or not lhs.endswith(c):
+        return 0
+    a, f = lhs[: -len(c)], rhs[len(c) :]
+    if out != a + f or set(a) & set(f):
+        return 0
+    return len(c)
 
 
 def einsum(module, inputs, einsum_str, config: QuantConfig, role: str = "linear"):
@@ -141,12 +170,25 @@ def einsum(module, inputs, einsum_str, config: QuantConfig, role: str = "linear"
         config,
         rule,
     )
-    if isinstance(kernel, QArray):  # jnp.einsum takes arrays: dequantize, then contract
+    n_contract = _matmul_einsum(einsum_str)
+    served = isinstance(kernel, QArray) and n_contract and (rule is None or rule.act is None)
+    if isinstance(kernel, QArray) and not served:  # jnp.einsum takes arrays: dequantize
         kernel = kernel.dequantize(module.param_dtype).reshape(tuple(module.shape))
     bias = None
     if module.use_bias:
-        bias_shape, broadcast_shape = nn.Einsum._get_bias_shape(module, einsum_str, inputs, kernel)
+        kernel_like = jax.ShapeDtypeStruct(tuple(module.shape), module.param_dtype)
+        bias_shape, broadcast_shape = nn.Einsum._get_bias_shape(
+            module, einsum_str, inputs, kernel_like
+        )
         bias = module.param("bias", module.bias_init, bias_shape, module.param_dtype)
+    if served:  # x [..., C] @ w [C, F]: the kernel (or dequantize-then-matmul) via dot_general
+        inputs, _, bias = _promote(module, inputs, kernel, bias)
+        x = inputs.reshape(inputs.shape[: inputs.ndim - n_contract] + (-1,))
+        y = ops.quant_dot_general(module, config, rule)(
+            x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision
+        )
+        y = y.reshape(inputs.shape[: inputs.ndim - n_contract] + tuple(module.shape[n_contract:]))
+        return y if bias is None else y + jnp.reshape(bias, broadcast_shape)
     inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
     y = jnp.einsum(
         einsum_str,

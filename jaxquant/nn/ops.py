@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxquant.nn import kernels
 from jaxquant.nn.rules import QuantConfig, QuantRule, TensorQuant
 from jaxquant.numerics import QArray, fake_quant, lsq_init_scale, quantize
 
@@ -151,7 +152,9 @@ def quant_dot_general(module, config: QuantConfig, rule: QuantRule | None, base=
 
     * calibrate: records the input statistics (if a rule matches, or the config has no rules);
     * qat, freeze, serve: fake-quantizes the input (lhs) when the rule has ``act``;
-    * a QArray rhs (serve) is dequantized to the input's dtype before the matmul.
+    * a QArray rhs (serve) goes to ``kernels.qarray_dot_general``: the Pallas low-bit matmul
+      when it reads the QArray, else dequantize to the input's dtype, then ``lax.dot_general``
+      (a module's own ``dot_general`` is not used for QArray weights).
     """
     base = lax.dot_general if base is None else base
     act = rule.act if rule is not None else None
@@ -161,10 +164,12 @@ def quant_dot_general(module, config: QuantConfig, rule: QuantRule | None, base=
         (lhs_contract, _), (lhs_batch, _) = dimension_numbers
         if record:
             _record_input_stats(module, lhs, tuple(lhs_contract), tuple(lhs_batch))
-        if isinstance(rhs, QArray):
-            rhs = rhs.dequantize(lhs.dtype)
         if act is not None and config.mode in ("qat", "freeze", "serve"):
             lhs = _quant_input(module, lhs, tuple(lhs_contract), act)
+        if isinstance(rhs, QArray):  # serve: the Pallas kernel, or dequantize then matmul
+            return kernels.qarray_dot_general(
+                lhs, rhs, dimension_numbers, precision, preferred_element_type
+            )
         return base(
             lhs,
             rhs,
