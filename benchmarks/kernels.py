@@ -1,0 +1,122 @@
+"""Low-bit matmul timings: the Pallas kernel vs dequantize-then-matmul (XLA) vs a bf16 matmul.
+
+  python benchmarks/kernels.py [--formats=int4_g128,int8,mxfp4,nf4] [--ms=1,8,32,2048]
+                               [--sizes=4096,8192] [--iters=10]
+
+For each weight size K = N, each batch M (decode-like 1, 8, 32; prefill-like 2048) and each
+format: bf16 activations [M, K] times a [K, N] weight, timed as
+
+  kernel   ``pallas_kernels.quantized_matmul`` reading the QArray's packed codes (TPU/GPU only;
+           on CPU its reference would only repeat the next column, so it prints ``-``);
+  deq+mm   ``x @ q.dequantize(bf16)`` jitted by XLA;
+  bf16     ``x @ w`` with w stored in bf16 (the unquantized baseline, once per (K, M)).
+
+Each time is the median of ``--iters`` runs after one warm-up. The roofline is memory: the
+bytes a matmul must read are the packed weight (codes + scales: ``q.nbytes``; ``K·N·2`` for
+bf16) plus the activations (``M·K·2``). ``GB/s`` = those bytes / time; ``roof`` = that over the
+device's copy bandwidth, measured first (a jitted ``y = x + 1`` over 256 MiB: read + write).
+Decode shapes are memory-bound, so ``roof`` near 1 is the goal there; prefill (M = 2048) is
+compute-bound and its ``roof`` is only a reference point.
+"""
+
+import functools
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+import jaxquant.numerics as jn  # noqa: E402
+from jaxquant.nn import kernels  # noqa: E402
+from pallas_kernels.quantized_matmul import quantized_matmul  # noqa: E402
+
+_FORMATS = flags.DEFINE_list("formats", ["int4_g128", "int8", "mxfp4", "nf4"], "Presets.")
+_MS = flags.DEFINE_list("ms", ["1", "8", "32", "2048"], "Activation rows M.")
+_SIZES = flags.DEFINE_list("sizes", ["4096", "8192"], "Weight sizes K = N.")
+_ITERS = flags.DEFINE_integer("iters", 10, "Timed runs per measurement (median).")
+_KERNEL_ON_CPU = flags.DEFINE_bool(
+    "kernel_on_cpu", False, "Time the kernel column on CPU too (its XLA reference; a smoke test)."
+)
+
+
+def _time(f, *args) -> float:
+    jax.block_until_ready(f(*args))  # compile + warm up
+    times = []
+    for _ in range(_ITERS.value):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+_ARRAY_ARGS = ("codes", "scales", "zeros", "tensor_scale", "lut")
+
+
+def _kernel_matmul(x, arrays, **static):
+    return quantized_matmul(x, **arrays, **static)
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a jitted elementwise pass over 256 MiB (read + write)."""
+    x = jnp.zeros((64, 1024, 1024), jnp.float32)
+    seconds = _time(jax.jit(lambda a: a + 1), x)
+    return 2 * x.nbytes / seconds
+
+
+def main(argv):
+    del argv
+    backend = jax.default_backend()
+    on_accelerator = backend in ("tpu", "gpu", "cuda", "rocm") or _KERNEL_ON_CPU.value
+    device = jax.devices()[0]
+    bandwidth = copy_bandwidth()
+    print(
+        f"device: {device.device_kind} ({backend}), {os.cpu_count()} host cores; "
+        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; median of {_ITERS.value} runs"
+    )
+    print(
+        "\n| K = N | M | format | bytes read | kernel ms | deq+mm ms | bf16 ms | "
+        "kernel GB/s (roof) | deq+mm GB/s (roof) | bf16 GB/s (roof) |"
+    )
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    dequant_mm = jax.jit(lambda x, q: x @ q.dequantize(jnp.bfloat16))
+    bf16_mm = jax.jit(lambda x, w: x @ w)
+    for size in map(int, _SIZES.value):
+        key = jax.random.key(size)
+        w = jax.random.normal(key, (size, size), jnp.float32)
+        w_bf16 = w.astype(jnp.bfloat16)
+        quantized = {f: jn.quantize(w, jn.get_preset(f)) for f in _FORMATS.value}
+        for m in map(int, _MS.value):
+            x = jax.random.normal(jax.random.key(m), (m, size), jnp.bfloat16)
+            act = m * size * 2
+            t_bf16 = _time(bf16_mm, x, w_bf16)
+            bytes_bf16 = size * size * 2 + act
+            for fmt, q in quantized.items():
+                nbytes = q.nbytes + act
+                t_deq = _time(dequant_mm, x, q)
+                t_kernel = None
+                args = kernels.kernel_args(q)
+                if on_accelerator and args is not None:
+                    arrays = {k: v for k, v in args.items() if k in _ARRAY_ARGS}
+                    static = {k: v for k, v in args.items() if k not in _ARRAY_ARGS}
+                    kernel = jax.jit(functools.partial(_kernel_matmul, **static))
+                    t_kernel = _time(kernel, x, arrays)
+
+                def rate(b, t):
+                    return f"{b / t / 1e9:.1f} ({b / t / bandwidth:.2f})"
+
+                print(
+                    f"| {size} | {m} | {fmt} | {nbytes / 1e6:.1f} MB | "
+                    f"{'-' if t_kernel is None else f'{t_kernel * 1e3:.3f}'} | "
+                    f"{t_deq * 1e3:.3f} | {t_bf16 * 1e3:.3f} | "
+                    f"{'-' if t_kernel is None else rate(nbytes, t_kernel)} | "
+                    f"{rate(nbytes, t_deq)} | {rate(bytes_bf16, t_bf16)} |"
+                )
+
+
+if __name__ == "__main__":
+    app.run(main)
