@@ -42,9 +42,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import dispatch
 from pallas_kernels.codebook_matmul.reference import Problem, check_args
 
-MIN_DOT = 16  # Triton's dot needs M, N, K >= 16.
+MIN_DOT = dispatch.MIN_DOT
 NUM_WARPS = 4
 
 
@@ -58,26 +59,18 @@ class Tiles:
     path: str  # 'tile' or 'gather'
 
 
-def _is_tile_size(b) -> bool:
-    return isinstance(b, int) and b >= MIN_DOT and b & (b - 1) == 0
-
-
-def _clamp(block: int, size: int) -> int:
-    return min(block, max(MIN_DOT, pl.next_power_of_2(size)))
-
-
 def tiles(p: Problem, *, block_m: int, block_n: int, block_k: int) -> Tiles:
     """The tiling ``codebook_matmul_gpu`` uses; validates the requested block sizes."""
     for name, b in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
-        if not _is_tile_size(b):
+        if not dispatch.is_tile_size(b):
             raise ValueError(
                 f"codebook_matmul_gpu {name}={b!r}: expected a power of two >= {MIN_DOT}."
             )
-    bk = _clamp(block_k, p.k)
+    bk = dispatch.clamp_tile(block_k, p.k)
     tile = p.group_size is None or p.group_size % bk == 0
     return Tiles(
-        block_m=_clamp(block_m, p.m),
-        block_n=_clamp(block_n, p.n),
+        block_m=dispatch.clamp_tile(block_m, p.m),
+        block_n=dispatch.clamp_tile(block_n, p.n),
         block_k=bk,
         path="tile" if tile else "gather",
     )

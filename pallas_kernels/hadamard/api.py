@@ -10,14 +10,14 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import dispatch
 from pallas_kernels.hadamard import gpu, tpu
 from pallas_kernels.hadamard.reference import check_args, hadamard_reference
 
 # Rows per kernel tile, per backend (static; see tpu.tile_shape and gpu._rows_pass).
 TPU_BLOCK_ROWS = 256
 GPU_BLOCK_ROWS = 64
-IMPLEMENTATIONS = ("xla", "tpu", "gpu")
-_GPU_BACKENDS = ("gpu", "cuda", "rocm")
+IMPLEMENTATIONS = dispatch.IMPLEMENTATIONS
 
 
 def _self_adjoint(apply):
@@ -38,21 +38,13 @@ def _self_adjoint(apply):
 
 
 def _pick(implementation, interpret, dtype) -> str:
-    if implementation is not None:
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"hadamard implementation={implementation!r}: expected None or one of "
-                f"{IMPLEMENTATIONS}."
-            )
-        return implementation
-    if interpret:
-        return "tpu"
-    backend = jax.default_backend()
-    if backend == "tpu" and dtype in tpu.SUPPORTED_DTYPES:
-        return "tpu"
-    if backend in _GPU_BACKENDS and dtype in gpu.SUPPORTED_DTYPES:
-        return "gpu"
-    return "xla"
+    return dispatch.pick_implementation(
+        "hadamard",
+        implementation,
+        interpret,
+        tpu_ok=interpret or dtype in tpu.SUPPORTED_DTYPES,
+        gpu_ok=dtype in gpu.SUPPORTED_DTYPES,
+    )
 
 
 def hadamard(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import dispatch
 from pallas_kernels.quantized_matmul import gpu, tpu
 from pallas_kernels.quantized_matmul.reference import (
     Problem,
@@ -22,26 +23,13 @@ from pallas_kernels.quantized_matmul.reference import (
 # K in steps of 64.
 TPU_BLOCK_M, TPU_BLOCK_N, TPU_BLOCK_K = 256, 512, 512
 GPU_BLOCK_M, GPU_BLOCK_N, GPU_BLOCK_K = 64, 128, 64
-IMPLEMENTATIONS = ("xla", "tpu", "gpu")
-_GPU_BACKENDS = ("gpu", "cuda", "rocm")
+IMPLEMENTATIONS = dispatch.IMPLEMENTATIONS
 
 
 def _pick(implementation, interpret, p: Problem) -> str:
-    if implementation is not None:
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"quantized_matmul implementation={implementation!r}: expected None or one of "
-                f"{IMPLEMENTATIONS}."
-            )
-        return implementation
-    if interpret:
-        return "tpu" if tpu.supports(p) else "gpu"
-    backend = jax.default_backend()
-    if backend == "tpu" and tpu.supports(p):
-        return "tpu"
-    if backend in _GPU_BACKENDS:
-        return "gpu"
-    return "xla"
+    return dispatch.pick_implementation(
+        "quantized_matmul", implementation, interpret, tpu_ok=tpu.supports(p)
+    )
 
 
 def quantized_matmul(

@@ -39,10 +39,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import dispatch
 from pallas_kernels.quantized_matmul import decode
 from pallas_kernels.quantized_matmul.reference import Problem, check_args
 
-MIN_DOT = 16  # Triton's dot needs M, N, K >= 16.
+MIN_DOT = dispatch.MIN_DOT
 NUM_WARPS = 4
 
 
@@ -56,35 +57,27 @@ class Tiles:
     path: str  # 'tile' or 'gather'
 
 
-def _is_tile_size(b) -> bool:
-    return isinstance(b, int) and b >= MIN_DOT and b & (b - 1) == 0
-
-
-def _clamp(block: int, size: int) -> int:
-    return min(block, max(MIN_DOT, pl.next_power_of_2(size)))
-
-
 def tiles(p: Problem, *, block_m: int, block_n: int, block_k: int) -> Tiles:
     """The tiling ``quantized_matmul_gpu`` uses; validates the requested block sizes."""
-    if not _is_tile_size(block_m):
+    if not dispatch.is_tile_size(block_m):
         raise ValueError(
             f"quantized_matmul_gpu block_m={block_m!r}: expected a power of two >= {MIN_DOT}."
         )
-    if not isinstance(block_n, int) or not _is_tile_size(block_n // p.per_byte):
+    if not isinstance(block_n, int) or not dispatch.is_tile_size(block_n // p.per_byte):
         raise ValueError(
             f"quantized_matmul_gpu block_n={block_n!r}: expected a power of two >= "
             f"{MIN_DOT * p.per_byte} ({MIN_DOT} bytes of {p.per_byte} columns at {p.bits} bits)."
         )
-    if not _is_tile_size(block_k):
+    if not dispatch.is_tile_size(block_k):
         raise ValueError(
             f"quantized_matmul_gpu block_k={block_k!r}: expected a power of two >= {MIN_DOT}."
         )
-    bk = _clamp(block_k, p.k)
+    bk = dispatch.clamp_tile(block_k, p.k)
     tile = p.group_size is None or p.group_size % bk == 0
     return Tiles(
-        block_m=_clamp(block_m, p.m),
+        block_m=dispatch.clamp_tile(block_m, p.m),
         block_k=bk,
-        packed_block_n=_clamp(block_n // p.per_byte, p.packed_n),
+        packed_block_n=dispatch.clamp_tile(block_n // p.per_byte, p.packed_n),
         path="tile" if tile else "gather",
     )
 
