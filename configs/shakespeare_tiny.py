@@ -55,6 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.b2 = 0.95
     c.optim.weight_decay = 0.1
     c.optim.grad_clip = 1.0
+    c.optim.state_bits = 32  # 8: AdamW moments stored in 8 bits (jaxquant.optim)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

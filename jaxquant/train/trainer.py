@@ -30,7 +30,7 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxquant import numerics
+from jaxquant import numerics, optim
 from jaxquant.data import BatchIterator, get_tokenizer, load_text
 from jaxquant.models import Llama, LlamaConfig
 from jaxquant.nn import QuantConfig, QuantRule
@@ -54,7 +54,11 @@ class TrainState:
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with linear warmup and cosine decay to ``lr * final_lr_ratio``, global-norm clip."""
+    """AdamW with linear warmup and cosine decay to ``lr * final_lr_ratio``, global-norm clip.
+
+    ``config.optim.state_bits``: 32 is ``optax.adamw``; 8 stores the moments in 8 bits
+    (``jaxquant.optim.adamw``).
+    """
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.optim.lr,
@@ -62,12 +66,13 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
         decay_steps=max(cfg.train.num_steps, cfg.optim.warmup_steps + 1),
         end_value=cfg.optim.lr * cfg.optim.final_lr_ratio,
     )
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.optim.grad_clip),
-        optax.adamw(
-            schedule, b1=cfg.optim.b1, b2=cfg.optim.b2, weight_decay=cfg.optim.weight_decay
-        ),
-    )
+    bits = cfg.optim.get("state_bits", 32)
+    kw = dict(b1=cfg.optim.b1, b2=cfg.optim.b2, weight_decay=cfg.optim.weight_decay)
+    if bits == 32:
+        adamw = optax.adamw(schedule, **kw)
+    else:  # moments stored in `bits` bits between steps (jaxquant.optim)
+        adamw = optim.adamw(schedule, state_bits=bits, **kw)
+    return optax.chain(optax.clip_by_global_norm(cfg.optim.grad_clip), adamw)
 
 
 def _loss_fn(model: nn.Module, params, inputs, targets):
@@ -170,7 +175,7 @@ class Trainer:
 
         abstract_state = jax.eval_shape(init, key)
         opt_shardings = _opt_state_shardings(
-            self.optimizer, abstract_state.opt_state, param_shardings, self.mesh
+            abstract_state.opt_state, abstract_state.params, param_shardings, self.mesh
         )
         replicated = NamedSharding(self.mesh, P())
         self.state_shardings = TrainState(
@@ -310,17 +315,29 @@ class Trainer:
         return self.evaluator().compare(params, chosen)
 
 
-def _opt_state_shardings(optimizer, opt_state, param_shardings, mesh):
-    """Optimizer leaves that mirror a param (Adam's moments) take its sharding; counts and the
-    like are replicated."""
+def _opt_state_shardings(opt_state, params, param_shardings, mesh):
+    """Optimizer leaves shaped like a param whose path ends their own (Adam's f32 moments) take
+    its sharding; everything else (counts, quantized moments' flat codes and scales) is
+    replicated."""
     replicated = NamedSharding(mesh, P())
-    return optax.tree_map_params(
-        optimizer,
-        lambda _, sharding: sharding,
-        opt_state,
-        param_shardings,
-        transform_non_params=lambda _: replicated,
-    )
+    by_path = {
+        tuple(str(k) for k in path): (np.shape(leaf), sharding)
+        for (path, leaf), sharding in zip(
+            jax.tree_util.tree_flatten_with_path(params)[0],
+            jax.tree.leaves(param_shardings),
+            strict=True,
+        )
+    }
+
+    def sharding_of(path, leaf):
+        keys = tuple(str(k) for k in path)
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit is not None and hit[0] == np.shape(leaf):
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(sharding_of, opt_state)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import shakespeare_tiny
+from jaxquant import optim
 from jaxquant.train import metrics, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -48,6 +49,23 @@ def test_sharded_mesh_gives_the_same_losses_as_pure_data_parallel(tmp_path):
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     mu = state.opt_state[1][0].mu["layers_0"]["mlp"]["gate"]["kernel"]
     assert mu.sharding.spec == kernel.sharding.spec  # Adam's moments shard like their param
+
+
+def test_8bit_optimizer_states_train_shard_and_resume_exactly(tmp_path):
+    """config.optim.state_bits=8: quantized moments on a sharded mesh, checkpointed and resumed."""
+    cfg = _config(**{"optim.state_bits": 8})
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+    state, losses = trainer.Trainer(cfg, tmp_path / "full").train()
+    mu = state.opt_state[1][0].mu
+    assert isinstance(mu["embed"]["embedding"], optim.QuantizedState)  # 8192 elements
+    kernel = state.params["layers_0"]["mlp"]["gate"]["kernel"]  # 2048 < 4096: stays f32
+    assert mu["layers_0"]["mlp"]["gate"]["kernel"].sharding.spec == kernel.sharding.spec
+    _, f32 = trainer.Trainer(_config(), tmp_path / "f32").train()
+    np.testing.assert_allclose(losses, f32, rtol=2e-2)
+    part = tmp_path / "part"
+    _, first = trainer.Trainer(cfg, part).train(stop_at=4)
+    _, rest = trainer.Trainer(cfg, part).train()
+    assert first + rest == losses  # bit-exact: the quantized state round-trips through orbax
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
