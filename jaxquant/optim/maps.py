@@ -66,3 +66,44 @@ def dynamic_map(signed: bool, bits: int = 8) -> np.ndarray:
     out = np.sort(np.asarray(values, np.float64))
     assert out.size == 2**bits and np.all(np.diff(out) > 0), out
     return out
+
+
+def linear_map(signed: bool, bits: int = 4, power: int = 1) -> np.ndarray:
+    """Linear (``power=1``) or power-law maps without a zero, for 4-bit states.
+
+    ::
+
+        unsigned:  ((j + 1) / 2**bits) ** power,                 j = 0 .. 2**bits − 1
+        signed:    sign(t_j) · |t_j| ** power,  t_j = −1 + 2j / (2**bits − 1)
+
+    The unsigned linear map is the second-moment map of 4-bit Adam: its smallest value is
+    ``1 / 2**bits``, not 0, so no second moment is stored as zero (which would turn its update
+    ``m / (sqrt(v) + eps)`` into ``m / eps``, the "zero-point problem"). The signed map with
+    ``power=2`` is the "Linear-2" map of 4-bit Shampoo's eigenvector matrices: symmetric, ±1
+    included, denser near 0.
+
+    Args:
+      signed: a map for [-1, 1] or for (0, 1].
+      bits: code width, 2 to 8.
+      power: 1 (linear) or a larger integer exponent.
+
+    Returns:
+      float64 [2**bits], sorted ascending, distinct, with no 0, ending at 1.
+
+    References:
+      Li et al., "Memory Efficient Optimizers with 4-bit States", arXiv:2309.01507, Sec. 4.1.
+      Wang et al., "4-bit Shampoo for Memory-Efficient Network Training", arXiv:2405.18144,
+      Sec. 3 (linear square quantization).
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"linear_map bits={bits!r}: expected an integer from 2 to 8.")
+    if isinstance(power, bool) or not isinstance(power, int) or power < 1:
+        raise ValueError(f"linear_map power={power!r}: expected a positive integer.")
+    j = np.arange(2**bits, dtype=np.float64)
+    if signed:
+        t = -1.0 + 2.0 * j / (2**bits - 1)
+        out = np.sign(t) * np.abs(t) ** power
+    else:
+        out = ((j + 1) / 2**bits) ** power
+    assert np.all(np.diff(out) > 0) and not np.any(out == 0), out
+    return out

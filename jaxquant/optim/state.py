@@ -14,6 +14,7 @@ Dequantization (``m`` the map, ``s`` the block's absmax)::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -25,26 +26,36 @@ from flax import struct
 from jaxquant.numerics import formats as formats_lib
 from jaxquant.numerics.qarray import QArray, quantize
 from jaxquant.numerics.scaling import Scaling
-from jaxquant.optim.maps import dynamic_map
+from jaxquant.optim.maps import dynamic_map, linear_map
 from pallas_kernels import packing
+
+NORMALIZATIONS = ("block", "rank1")
 
 
 @struct.dataclass
 class QuantizedState:
-    """A state quantized block-wise onto the dynamic map.
+    """A state stored in a few bits: codes on a map, times a normalization.
 
-    Invariants: ``q`` is a 1-D QArray of ``ceil(size / block_size) * block_size`` elements (the
-    flattened state, zero-padded; at least one block) with a ``LookupFormat`` of the dynamic map
-    and ``Scaling(axis=0, group_size=block_size)``; ``shape`` is the state's shape. Padding
-    elements are 0, which the map represents exactly, so they never raise a block's scale.
+    Two normalizations (``StateQuantizer.normalization``):
+
+    * ``'block'``: ``q`` is a 1-D QArray of ``ceil(size / block_size) * block_size`` elements
+      (the flattened state, zero-padded; at least one block) with ``Scaling(axis=0,
+      group_size=block_size)``: one f32 absmax per block. Padding elements are 0, which every
+      block map holds or saturates to, so they never raise a block's scale. ``axis_max`` is
+      empty.
+    * ``'rank1'`` (states of rank >= 2): ``q`` is a QArray of ``shape`` holding ``x / n`` with
+      one stored scale of 1, where ``n[i, j, ...] = min(axis_max[0][i], axis_max[1][j], ...)``
+      and ``axis_max[d]`` is the max of ``|x|`` over every axis but ``d`` (f32 ``[shape[d]]``).
 
     Attributes:
-      q: the quantized, flattened, padded state.
+      q: the codes (and block scales).
       shape: the state's logical shape.
+      axis_max: rank-1 normalization's per-axis maxima, or ``()``.
     """
 
     q: QArray
     shape: tuple[int, ...] = struct.field(pytree_node=False)
+    axis_max: tuple[jax.Array, ...] = ()
 
     @property
     def size(self) -> int:
@@ -52,12 +63,23 @@ class QuantizedState:
 
     def dequantize(self) -> jax.Array:
         """f32 [*shape]."""
+        if self.axis_max:
+            return self.q.dequantize(jnp.float32) * _rank1_scale(self.axis_max)
         return self.q.dequantize(jnp.float32)[: self.size].reshape(self.shape)
 
 
 def is_quantized_state(x) -> bool:
     """For ``is_leaf=`` in tree maps that should stop at QuantizedStates."""
     return isinstance(x, QuantizedState)
+
+
+def _rank1_scale(axis_max) -> jax.Array:
+    nd = len(axis_max)
+    out = None
+    for d, m in enumerate(axis_max):
+        b = m.reshape((1,) * d + (-1,) + (1,) * (nd - d - 1))
+        out = b if out is None else jnp.minimum(out, b)
+    return out
 
 
 @functools.cache
@@ -67,6 +89,86 @@ def dynamic_format(signed: bool, bits: int = 8) -> formats_lib.LookupFormat:
     return formats_lib.LookupFormat(tuple(dynamic_map(signed, bits)), label=label)
 
 
+@functools.cache
+def linear_format(signed: bool, bits: int = 4, power: int = 1) -> formats_lib.LookupFormat:
+    """``maps.linear_map`` as a ``LookupFormat`` (label ``linear4u``, ``linear4s_p2``, ...)."""
+    label = f"linear{bits}{'s' if signed else 'u'}" + (f"_p{power}" if power != 1 else "")
+    return formats_lib.LookupFormat(tuple(linear_map(signed, bits, power)), label=label)
+
+
+@dataclasses.dataclass(frozen=True)
+class StateQuantizer:
+    """How one optimizer state is stored between steps. Frozen and hashable.
+
+    Attributes:
+      fmt: the element format: a map as a ``LookupFormat`` (``dynamic_format``,
+        ``linear_format``) or a float format (``formats.E4M3``).
+      block_size: elements per f32 absmax scale (``'block'``; also rank-1's fallback for
+        states of rank < 2).
+      normalization: ``'block'`` (block-wise absmax of the flattened state) or ``'rank1'``
+        (``min`` of per-axis maxima; "Memory Efficient Optimizers with 4-bit States", Sec. 4.2).
+      sign_nudge: move a code whose decoded sign flipped back toward its value's sign
+        (bitsandbytes' 8-bit first moment; ``quantize_state`` explains the rule).
+    """
+
+    fmt: formats_lib.Format
+    block_size: int = 256
+    normalization: str = "block"
+    sign_nudge: bool = False
+
+    def __post_init__(self):
+        b = self.block_size
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"StateQuantizer block_size={b!r}: expected a positive int.")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"StateQuantizer normalization={self.normalization!r}: expected one of "
+                f"{NORMALIZATIONS}."
+            )
+        if not isinstance(self.fmt, formats_lib.Format):
+            raise ValueError(f"StateQuantizer fmt={self.fmt!r}: expected a numerics Format.")
+
+    def quantize(self, x: jax.Array, key: jax.Array | None = None) -> QuantizedState:
+        """``x`` (any shape, cast to f32) as a QuantizedState.
+
+        Nearest rounding, or with a PRNG ``key`` stochastic rounding between the two
+        neighbouring map values (unbiased: ``E[x̂] = x`` within the block's range).
+        """
+        rounding = "nearest" if key is None else "stochastic"
+        x = jnp.asarray(x)
+        shape = tuple(x.shape)
+        x = x.astype(jnp.float32)
+        if self.normalization == "rank1" and x.ndim >= 2:
+            a = jnp.abs(x)
+            axis_max = tuple(
+                jnp.max(a, axis=tuple(j for j in range(x.ndim) if j != d)) for d in range(x.ndim)
+            )
+            n = _rank1_scale(axis_max)
+            y = jnp.where(n > 0, x / jnp.where(n > 0, n, 1.0), 0.0)
+            scaling = Scaling()
+            scale = jnp.ones(scaling.scale_shape(shape))
+            q = quantize(y, self.fmt, scaling, scale=scale, rounding=rounding, key=key)
+            return QuantizedState(q=q, shape=shape, axis_max=axis_max)
+        flat = x.reshape(-1)
+        padded = max(1, math.ceil(flat.size / self.block_size)) * self.block_size
+        flat = jnp.pad(flat, (0, padded - flat.size))
+        scaling = Scaling(axis=0, group_size=self.block_size)
+        q = quantize(flat, self.fmt, scaling, rounding=rounding, key=key)
+        if self.sign_nudge:
+            q = _sign_nudge(q, flat)
+        return QuantizedState(q=q, shape=shape)
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Exact bytes of the QuantizedState this quantizer makes from a state of ``shape``."""
+        struct_ = jax.eval_shape(self.quantize, jax.ShapeDtypeStruct(shape, jnp.float32))
+        return state_nbytes(struct_)
+
+
+def dynamic_quantizer(signed: bool, bits: int = 8, block_size: int = 256) -> StateQuantizer:
+    """Block-wise dynamic map, with the sign nudge for signed states (bitsandbytes)."""
+    return StateQuantizer(dynamic_format(bool(signed), bits), block_size, "block", bool(signed))
+
+
 def quantize_state(
     x: jax.Array, *, signed: bool, bits: int = 8, block_size: int = 256
 ) -> QuantizedState:
@@ -74,7 +176,8 @@ def quantize_state(
 
     ``x`` is flattened, zero-padded to whole blocks and quantized by ``numerics.quantize``:
     per block ``s = max |x|``, ``code = argmin_i |m_i - x / s|`` (nearest map value). An
-    unsigned map saturates negative values at 0.
+    unsigned map saturates negative values at 0. (``dynamic_quantizer(signed, bits,
+    block_size).quantize(x)``; other maps and normalizations: ``StateQuantizer``.)
 
     Signed states get the sign nudge: where a nonzero value's code decodes to a value of the
     other sign bit, the code moves one step toward the value's sign. As in bitsandbytes'
@@ -103,16 +206,7 @@ def quantize_state(
     """
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"quantize_state block_size={block_size!r}: expected a positive int.")
-    x = jnp.asarray(x)
-    shape = tuple(x.shape)
-    flat = x.astype(jnp.float32).reshape(-1)
-    padded = max(1, math.ceil(flat.size / block_size)) * block_size
-    flat = jnp.pad(flat, (0, padded - flat.size))
-    fmt = dynamic_format(bool(signed), bits)
-    q = quantize(flat, fmt, Scaling(axis=0, group_size=block_size))
-    if signed:
-        q = _sign_nudge(q, flat)
-    return QuantizedState(q=q, shape=shape)
+    return dynamic_quantizer(signed, bits, block_size).quantize(x)
 
 
 def _sign_nudge(q: QArray, x: jax.Array) -> QArray:

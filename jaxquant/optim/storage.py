@@ -1,0 +1,191 @@
+"""Which quantizer stores which moment: the ``state_bits`` / ``state_format`` recipes.
+
+Terminology:
+  first moment:   a signed running average (Adam's ``mu``, Lion's and SGD's momentum).
+  second moment:  a non-negative running average of squares (Adam's ``nu``).
+  recipe:         a ``(state_bits, state_format)`` pair naming how both are stored.
+  factored:       a second moment of rank >= 2 kept as f32 row and column averages over its
+                  last two axes (Adafactor), ``FactoredMoment``.
+
+Recipes (``RECIPES``), block sizes overridable by ``block_size``:
+
+  ====  ============  ====================================  =====================================
+  bits  state_format  first moment                          second moment
+  ====  ============  ====================================  =====================================
+  32    None          f32                                   f32
+  8     'dynamic'     dynamic map, block 256, sign nudge    unsigned dynamic map, block 256
+  8     'e4m3'        FP8 E4M3, block 256                   FP8 E4M3, block 256
+  4     'rank1'       4-bit dynamic map, block 128          linear map without 0, rank-1
+                                                            (block 128 below rank 2)
+  4     'factorized'  4-bit dynamic map, block 128          factored (f32 rows + columns) at
+                                                            rank >= 2, else as 'rank1'
+  ====  ============  ====================================  =====================================
+
+Leaves with fewer than ``min_quantized_size`` elements keep f32 moments whatever the recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxquant.numerics import formats as formats_lib
+from jaxquant.optim.state import (
+    QuantizedState,
+    StateQuantizer,
+    dynamic_format,
+    dynamic_quantizer,
+    linear_format,
+)
+
+RECIPES = {32: (None,), 8: ("dynamic", "e4m3"), 4: ("rank1", "factorized")}
+_DEFAULT_BLOCK = {"dynamic": 256, "e4m3": 256, "rank1": 128, "factorized": 128}
+# Added to squared gradients of a factored moment so that an all-zero row cannot make the
+# normalizing mean 0 (Adafactor's eps1).
+_FACTORED_EPS = 1e-30
+
+
+@struct.dataclass
+class FactoredMoment:
+    """A second moment of shape ``[..., m, n]`` as its f32 averages over the last axis
+    (``row``, ``[..., m]``) and over the second-to-last (``col``, ``[..., n]``); it stands for
+    ``row[..., :, None] · col[..., None, :] / mean(row)`` (Shazeer & Stern, "Adafactor",
+    arXiv:1804.04235, Sec. 3)."""
+
+    row: jax.Array
+    col: jax.Array
+
+    def dequantize(self) -> jax.Array:
+        mean = jnp.mean(self.row, axis=-1, keepdims=True)[..., None]
+        return self.row[..., :, None] * self.col[..., None, :] / jnp.where(mean > 0, mean, 1.0)
+
+
+def check_recipe(state_bits, state_format, block_size, min_quantized_size) -> str | None:
+    """Validates the arguments; returns ``state_format`` with its default filled in."""
+    if isinstance(state_bits, bool) or state_bits not in RECIPES:
+        raise ValueError(f"state_bits={state_bits!r}: expected one of {sorted(RECIPES)}.")
+    if state_format is None:
+        state_format = RECIPES[state_bits][0]
+    if state_format not in RECIPES[state_bits]:
+        raise ValueError(
+            f"state_format={state_format!r} with state_bits={state_bits}: expected one of "
+            f"{RECIPES[state_bits]}."
+        )
+    if block_size is not None and (
+        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
+    ):
+        raise ValueError(f"block_size={block_size!r}: expected a positive int or None.")
+    if (
+        isinstance(min_quantized_size, bool)
+        or not isinstance(min_quantized_size, int)
+        or min_quantized_size < 0
+    ):
+        raise ValueError(f"min_quantized_size={min_quantized_size!r}: expected an int >= 0.")
+    return state_format
+
+
+@dataclasses.dataclass(frozen=True)
+class MomentStorage:
+    """Stores and loads first and second moments by a recipe (see the module docstring).
+
+    Attributes:
+      first: the first moment's quantizer, or None (f32).
+      second: the second moment's quantizer, or None (f32).
+      factored: factor second moments of rank >= 2 (``FactoredMoment``).
+      min_quantized_size: smaller leaves keep f32 moments.
+      stochastic: round stochastically (``store_*`` then need a ``key``).
+    """
+
+    first: StateQuantizer | None
+    second: StateQuantizer | None
+    factored: bool = False
+    min_quantized_size: int = 4096
+    stochastic: bool = False
+
+    def keys(self, tree, count: jax.Array):
+        """One PRNG key per leaf of ``tree`` for step ``count`` (a tree of Nones when rounding
+        is nearest). Keys depend only on the step and the leaf's position, so a resumed run
+        draws the same ones."""
+        leaves, treedef = jax.tree.flatten(tree)
+        if not self.stochastic:
+            return treedef.unflatten([None] * len(leaves))
+        base = jax.random.fold_in(jax.random.key(0x5EED), count)
+        return treedef.unflatten([jax.random.fold_in(base, i) for i in range(len(leaves))])
+
+    def _quantized(self, x) -> bool:
+        return math.prod(x.shape) >= self.min_quantized_size
+
+    def store_first(self, x: jax.Array, key: jax.Array | None = None):
+        """f32 ``x`` as stored: f32 array or QuantizedState (``key``: stochastic rounding)."""
+        if self.first is not None and self._quantized(x):
+            return self.first.quantize(x, key)
+        return x
+
+    def store_second(self, x: jax.Array, key: jax.Array | None = None):
+        """f32 ``x`` as stored (not for factored moments: see ``update_second``)."""
+        if self.second is not None and self._quantized(x):
+            return self.second.quantize(x, key)
+        return x
+
+    def factors(self, shape) -> bool:
+        return self.factored and len(shape) >= 2 and math.prod(shape) >= self.min_quantized_size
+
+    def init_second(self, shape):
+        if self.factors(shape):
+            z = jnp.zeros(shape[:-1], jnp.float32), jnp.zeros(shape[:-2] + shape[-1:], jnp.float32)
+            return FactoredMoment(*z)
+        return self.store_second(jnp.zeros(shape, jnp.float32))
+
+    def update_second(self, stored, g2: jax.Array, decay: float, key: jax.Array | None = None):
+        """The second moment's EMA step ``decay · v + (1 − decay) · g2``.
+
+        Returns ``(v, stored)``: the f32 moment this step's update uses and its storage. For a
+        ``FactoredMoment`` the row and column averages of ``g2 + 1e-30`` take the EMA step and
+        ``v`` is their rank-1 reconstruction.
+        """
+        if isinstance(stored, FactoredMoment):
+            g2 = g2 + _FACTORED_EPS
+            new = FactoredMoment(
+                row=decay * stored.row + (1 - decay) * jnp.mean(g2, axis=-1),
+                col=decay * stored.col + (1 - decay) * jnp.mean(g2, axis=-2),
+            )
+            return new.dequantize(), new
+        v = decay * load(stored) + (1 - decay) * g2
+        return v, self.store_second(v, key)
+
+
+def load(stored) -> jax.Array:
+    """The f32 value of a stored moment (f32 array, QuantizedState or FactoredMoment)."""
+    if isinstance(stored, (QuantizedState, FactoredMoment)):
+        return stored.dequantize()
+    return stored
+
+
+def moment_storage(
+    state_bits: int = 32,
+    state_format: str | None = None,
+    *,
+    block_size: int | None = None,
+    min_quantized_size: int = 4096,
+    rounding: str = "nearest",
+) -> MomentStorage:
+    """The ``MomentStorage`` of a recipe (module docstring), validated with clear errors."""
+    state_format = check_recipe(state_bits, state_format, block_size, min_quantized_size)
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding={rounding!r}: expected 'nearest' or 'stochastic'.")
+    if state_bits == 32:
+        return MomentStorage(None, None, False, min_quantized_size)
+    b = block_size or _DEFAULT_BLOCK[state_format]
+    if state_format == "dynamic":
+        first, second = dynamic_quantizer(True, 8, b), dynamic_quantizer(False, 8, b)
+    elif state_format == "e4m3":
+        first = second = StateQuantizer(formats_lib.E4M3, b)
+    else:  # 4-bit: 'rank1' or 'factorized'
+        first = StateQuantizer(dynamic_format(True, 4), b)
+        second = StateQuantizer(linear_format(False, 4), b, "rank1")
+    factored = state_format == "factorized"
+    return MomentStorage(first, second, factored, min_quantized_size, rounding == "stochastic")
