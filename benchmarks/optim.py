@@ -1,13 +1,18 @@
-"""Optimizer-state precision: f32 AdamW (optax) vs AdamW with 8-bit moments, one run.
+"""Optimizer-state precision on one config: f32 AdamW (optax) vs 8-bit, 4-bit, 4-bit
+factorized and FP8 AdamW states, and Shampoo f32 vs 4-bit, in one run.
 
   python benchmarks/optim.py [--config=configs/shakespeare_tiny.py] [--steps=1500]
-                             [--state_bits=32,8]
+      [--variants=f32,8bit,fp8,4bit,4bit_factorized,shampoo_f32,shampoo_4bit]
+      [--timing_steps=30]
 
-Trains the same model from the same initialization on the same batches once per
-``state_bits`` (32 is ``optax.adamw``; 8 is ``jaxquant.optim.adamw(state_bits=8)``) and prints
-the validation loss, its change against f32, the optimizer state's bytes per parameter
+Trains the same model from the same initialization on the same batches once per variant
+(``VARIANTS``: config overrides; ``f32`` is ``optax.adamw`` itself) and prints the validation
+loss, its change against ``f32``, the optimizer state's bytes per parameter
 (``jaxquant.optim.bytes_per_param``: every array of the state, counts and clip state
-included) and the median step time after 20 warm-up steps, relative to f32.
+included) and the step time relative to ``f32``. Step times are taken after training, in a
+separate phase that runs ``timing_steps`` steps of every variant round-robin in blocks of 10
+(after a compiled warm-up), so that a change in the machine's load hits all variants alike;
+each variant's time is the median of its blocks' per-step times.
 """
 
 import os
@@ -32,39 +37,89 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=False,
 )
 _STEPS = flags.DEFINE_integer("steps", 1500, "Training steps per variant.")
-_BITS = flags.DEFINE_list("state_bits", ["32", "8"], "Optimizer state bits to compare.")
-_WARMUP = 20
+_VARIANTS = flags.DEFINE_list(
+    "variants",
+    ["f32", "8bit", "fp8", "4bit", "4bit_factorized", "shampoo_f32", "shampoo_4bit"],
+    "Variants to compare (the first is the reference).",
+)
+_TIMING = flags.DEFINE_integer("timing_steps", 30, "Timed steps per variant (blocks of 10).")
+
+VARIANTS = {
+    "f32": {},
+    "8bit": {"state_bits": 8},
+    "8bit_stochastic": {"state_bits": 8, "state_rounding": "stochastic"},
+    "fp8": {"state_bits": 8, "state_format": "e4m3"},
+    "4bit": {"state_bits": 4},
+    "4bit_stochastic": {"state_bits": 4, "state_rounding": "stochastic"},
+    "4bit_factorized": {"state_bits": 4, "state_format": "factorized"},
+    "shampoo_f32": {"name": "shampoo", "state_bits": 32},
+    "shampoo_4bit": {"name": "shampoo", "state_bits": 4},
+}
 
 
-def run(config, bits: int):
-    config.optim.state_bits = bits
-    config.train.num_steps = _STEPS.value
+def _trainer(base, name, steps, workdir):
+    config = base.copy_and_resolve_references()
+    config.unlock()
+    for field, value in VARIANTS[name].items():
+        setattr(config.optim, field, value)
+    config.train.num_steps = steps
+    return trainer_lib.Trainer(config, workdir)
+
+
+def train(base, name):
     with tempfile.TemporaryDirectory() as workdir:
-        t = trainer_lib.Trainer(config, workdir)
+        t = _trainer(base, name, _STEPS.value, workdir)
         state = t.init_state()
-        times = []
-        for step in range(_STEPS.value):
-            t0 = time.perf_counter()
-            state, metrics = t.step(state, next(t.data))
-            jax.block_until_ready(metrics)
-            if step >= _WARMUP:
-                times.append(time.perf_counter() - t0)
-        result = t.evaluator().evaluate({"params": state.params}, name=f"state_bits={bits}")
+        for _ in range(_STEPS.value):
+            state, _ = t.step(state, next(t.data))
+        jax.block_until_ready(state)
+        result = t.evaluator().evaluate({"params": state.params}, name=name)
         per_param = optim.bytes_per_param(state.opt_state, state.params)
-    return result.loss, per_param, statistics.median(times)
+    print(f"{name}: val loss {result.loss:.4f}, {per_param:.3f} bytes/param", flush=True)
+    return result.loss, per_param
+
+
+def step_times(base, names):
+    runs = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in names:
+            t = _trainer(base, name, _STEPS.value, os.path.join(workdir, name))
+            state = t.init_state()
+            for _ in range(3):  # compile, warm up
+                state, _ = t.step(state, next(t.data))
+            jax.block_until_ready(state)
+            runs[name] = [t, state, []]
+        for _ in range(max(1, _TIMING.value // 10)):
+            for name in names:
+                t, state, blocks = runs[name]
+                batches = [next(t.data) for _ in range(10)]
+                t0 = time.perf_counter()
+                for b in batches:
+                    state, _ = t.step(state, b)
+                jax.block_until_ready(state)
+                blocks.append((time.perf_counter() - t0) / 10)
+                runs[name][1] = state
+    return {name: statistics.median(r[2]) for name, r in runs.items()}
 
 
 def main(argv):
     del argv
-    rows = {int(b): run(_CONFIG.value, int(b)) for b in _BITS.value}
-    base_loss, _, base_time = rows.get(32, next(iter(rows.values())))
+    unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants: unknown {unknown}; known: {sorted(VARIANTS)}.")
+    names = _VARIANTS.value
+    rows = {name: train(_CONFIG.value, name) for name in names}
+    times = step_times(_CONFIG.value, names)
+    ref = names[0]
+    base_loss, base_time = rows[ref][0], times[ref]
     print(f"\n{_STEPS.value} steps, {jax.device_count()} {jax.default_backend()} device(s)")
-    print("| state | val loss | Δ vs f32 | state bytes/param | step ms | step time vs f32 |")
+    print(f"| variant | val loss | Δ vs {ref} | state bytes/param | step ms | step time vs {ref} |")
     print("|---|---:|---:|---:|---:|---:|")
-    for bits, (loss, per_param, step) in rows.items():
+    for name in names:
+        loss, per_param = rows[name]
         print(
-            f"| {bits}-bit | {loss:.4f} | {100 * (loss / base_loss - 1):+.2f}% | "
-            f"{per_param:.3f} | {1e3 * step:.1f} | {step / base_time:.2f}x |"
+            f"| {name} | {loss:.4f} | {100 * (loss / base_loss - 1):+.2f}% | {per_param:.3f} | "
+            f"{1e3 * times[name]:.1f} | {times[name] / base_time:.2f}x |"
         )
 
 

@@ -55,7 +55,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.b2 = 0.95
     c.optim.weight_decay = 0.1
     c.optim.grad_clip = 1.0
-    c.optim.state_bits = 32  # 8: AdamW moments stored in 8 bits (jaxquant.optim)
+    c.optim.name = "adamw"  # adamw | lion | sgd | shampoo
+    c.optim.state_bits = 32  # 8 or 4: moments stored in 8 or 4 bits (jaxquant.optim)
+    c.optim.state_format = ""  # '': the bits' default; 8: dynamic | e4m3; 4: rank1 | factorized
+    c.optim.state_rounding = "nearest"  # or stochastic
+    c.optim.schedule = "cosine"  # cosine | inverse_sqrt | constant (horizon-free)
+    c.optim.averaging = ""  # '' | ema (half-life grows with t) | lawa
+    c.optim.ema_half_life_fraction = 0.04
+    c.optim.lawa_k = 5
+    c.optim.lawa_every = 100
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

@@ -53,26 +53,85 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with linear warmup and cosine decay to ``lr * final_lr_ratio``, global-norm clip.
+OPTIMIZERS = ("adamw", "lion", "sgd", "shampoo")
+SCHEDULES = ("cosine", "inverse_sqrt", "constant")
+AVERAGING = ("", "ema", "lawa")
 
-    ``config.optim.state_bits``: 32 is ``optax.adamw``; 8 stores the moments in 8 bits
-    (``jaxquant.optim.adamw``).
+
+def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+    """``config.optim.schedule``: ``'cosine'`` (linear warmup, cosine decay to
+    ``lr * final_lr_ratio`` at ``num_steps``), or the horizon-free ``'inverse_sqrt'`` and
+    ``'constant'`` (linear warmup, then ``lr·sqrt(warmup/t)`` or ``lr``; pair them with
+    ``config.optim.averaging``)."""
+    o = cfg.optim
+    kind = o.get("schedule", "cosine")
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=o.lr,
+            warmup_steps=o.warmup_steps,
+            decay_steps=max(cfg.train.num_steps, o.warmup_steps + 1),
+            end_value=o.lr * o.final_lr_ratio,
+        )
+    if kind == "inverse_sqrt":
+        return optim.inverse_sqrt_schedule(o.lr, o.warmup_steps)
+    if kind == "constant":
+        return optim.constant_schedule(o.lr, o.warmup_steps)
+    raise ValueError(f"config.optim.schedule={kind!r}: expected one of {SCHEDULES}.")
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Global-norm clip, then the optimizer ``config.optim.name`` on ``make_schedule``.
+
+    ``config.optim``: ``name`` (``OPTIMIZERS``); ``state_bits`` (32, 8 or 4; Shampoo 32 or 4)
+    with ``state_format`` (``''``: the default for the bits; 8: ``dynamic``/``e4m3``; 4:
+    ``rank1``/``factorized``) and ``state_rounding`` (``nearest``/``stochastic``), see
+    ``jaxquant.optim``; ``averaging`` (``''``, ``ema``: half-life ``ema_half_life_fraction · t``,
+    ``lawa``: the last ``lawa_k`` snapshots every ``lawa_every`` steps), whose averaged weights
+    the evaluator reports next to the last iterate. f32 AdamW is ``optax.adamw`` itself.
     """
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=cfg.optim.lr,
-        warmup_steps=cfg.optim.warmup_steps,
-        decay_steps=max(cfg.train.num_steps, cfg.optim.warmup_steps + 1),
-        end_value=cfg.optim.lr * cfg.optim.final_lr_ratio,
-    )
-    bits = cfg.optim.get("state_bits", 32)
-    kw = dict(b1=cfg.optim.b1, b2=cfg.optim.b2, weight_decay=cfg.optim.weight_decay)
-    if bits == 32:
-        adamw = optax.adamw(schedule, **kw)
-    else:  # moments stored in `bits` bits between steps (jaxquant.optim)
-        adamw = optim.adamw(schedule, state_bits=bits, **kw)
-    return optax.chain(optax.clip_by_global_norm(cfg.optim.grad_clip), adamw)
+    o = cfg.optim
+    schedule = make_schedule(cfg)
+    name = o.get("name", "adamw")
+    bits = o.get("state_bits", 32)
+    fmt = o.get("state_format", "") or None
+    rounding = o.get("state_rounding", "nearest")
+    q = dict(state_bits=bits, state_format=fmt, rounding=rounding)
+    if name == "adamw":
+        kw = dict(b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+        if bits == 32 and fmt is None:
+            base = optax.adamw(schedule, **kw)
+        else:
+            base = optim.adamw(schedule, **kw, **q)
+    elif name == "lion":
+        base = optim.lion(
+            schedule, b1=o.b1, b2=o.get("lion_b2", 0.99), weight_decay=o.weight_decay, **q
+        )
+    elif name == "sgd":
+        base = optax.chain(
+            optax.add_decayed_weights(o.weight_decay),
+            optim.sgd(schedule, momentum=o.get("momentum", 0.9), **q),
+        )
+    elif name == "shampoo":
+        if fmt is not None or rounding != "nearest":
+            raise ValueError(
+                "config.optim.name='shampoo' takes state_bits (32 or 4) only, not state_format "
+                f"({fmt!r}) or state_rounding ({rounding!r})."
+            )
+        base = optim.shampoo(
+            schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, state_bits=bits
+        )
+    else:
+        raise ValueError(f"config.optim.name={name!r}: expected one of {OPTIMIZERS}.")
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), base)
+    averaging = o.get("averaging", "")
+    if averaging == "ema":
+        tx = optim.with_averaging(tx, optim.ema_growing(o.get("ema_half_life_fraction", 0.04)))
+    elif averaging == "lawa":
+        tx = optim.with_averaging(tx, optim.lawa(o.get("lawa_k", 5), o.get("lawa_every", 100)))
+    elif averaging:
+        raise ValueError(f"config.optim.averaging={averaging!r}: expected one of {AVERAGING}.")
+    return tx
 
 
 def _loss_fn(model: nn.Module, params, inputs, targets):
@@ -316,10 +375,13 @@ class Trainer:
 
 
 def _opt_state_shardings(opt_state, params, param_shardings, mesh):
-    """Optimizer leaves shaped like a param whose path ends their own (Adam's f32 moments) take
-    its sharding; everything else (counts, quantized moments' flat codes and scales) is
-    replicated."""
+    """Optimizer leaves shaped like a param whose path ends their own (Adam's f32 moments,
+    averaged weights) take its sharding. Other leaves of at least ``mesh.size`` · 64 elements
+    whose leading axis the mesh's device count divides (quantized moments' flat codes and
+    block scales, rank-1 maxima) are split along that axis over every device, ZeRO-style; the
+    rest (counts, small leaves) is replicated."""
     replicated = NamedSharding(mesh, P())
+    spread = NamedSharding(mesh, P(tuple(mesh.axis_names)))
     by_path = {
         tuple(str(k) for k in path): (np.shape(leaf), sharding)
         for (path, leaf), sharding in zip(
@@ -331,10 +393,13 @@ def _opt_state_shardings(opt_state, params, param_shardings, mesh):
 
     def sharding_of(path, leaf):
         keys = tuple(str(k) for k in path)
+        shape = np.shape(leaf)
         for start in range(len(keys)):
             hit = by_path.get(keys[start:])
-            if hit is not None and hit[0] == np.shape(leaf):
+            if hit is not None and hit[0] == shape:
                 return hit[1]
+        if shape and shape[0] % mesh.size == 0 and np.prod(shape) >= 64 * mesh.size:
+            return spread
         return replicated
 
     return jax.tree_util.tree_map_with_path(sharding_of, opt_state)
@@ -345,6 +410,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     trainer = Trainer(config, workdir)
     state, _ = trainer.train()
     results = trainer.evaluate(state.params)
+    if config.optim.get("averaging", ""):
+        averaged = optim.averaged_params(state.opt_state)
+        name = f"float ({config.optim.averaging} average)"
+        results.insert(1, trainer.evaluator().evaluate({"params": averaged}, name=name))
     if jax.process_index() == 0:
         print(evaluator_lib.format_table(results))
     return results

@@ -68,6 +68,71 @@ def test_8bit_optimizer_states_train_shard_and_resume_exactly(tmp_path):
     assert first + rest == losses  # bit-exact: the quantized state round-trips through orbax
 
 
+def test_4bit_states_shard_over_the_mesh_and_resume_exactly(tmp_path):
+    """--config.optim.state_bits=4: 4-bit moments (rank-1 second moment) train on a 2x2x2 mesh,
+    the quantized codes spread over all 8 devices, and a resumed run is bit-exact."""
+    cfg = _config(**{"optim.state_bits": 4, "optim.state_rounding": "stochastic"})
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+    state, losses = trainer.Trainer(cfg, tmp_path / "full").train()
+    adam = state.opt_state[1][0]
+    mu, nu = adam.mu["embed"]["embedding"], adam.nu["embed"]["embedding"]
+    assert mu.q.format.name == "dynamic4s" and len(nu.axis_max) == 2
+    spread = jax.sharding.PartitionSpec(("data", "fsdp", "tensor"))
+    assert mu.q.codes.sharding.spec == spread  # 4096 bytes: 512 per device
+    assert mu.q.scale.sharding.spec == jax.sharding.PartitionSpec()  # 64 scales: replicated
+    _, f32 = trainer.Trainer(_config(), tmp_path / "f32").train()
+    np.testing.assert_allclose(losses, f32, rtol=2e-2)
+    part = tmp_path / "part"
+    _, first = trainer.Trainer(cfg, part).train(stop_at=3)
+    _, rest = trainer.Trainer(cfg, part).train()
+    assert first + rest == losses
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"optim.name": "lion", "optim.state_bits": 8, "optim.state_rounding": "stochastic"},
+        {"optim.name": "sgd", "optim.state_bits": 8, "optim.lr": 0.3},
+        {"optim.state_bits": 8, "optim.state_format": "e4m3"},
+        {"optim.state_bits": 4, "optim.state_format": "factorized"},
+    ],
+    ids=["lion8", "sgd8", "adam_e4m3", "adam_4bit_factorized"],
+)
+def test_optimizer_and_state_format_are_chosen_by_config(tmp_path, overrides):
+    cfg = _config(**overrides)
+    state, losses = trainer.Trainer(cfg, tmp_path).train()
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    quantized = [
+        x
+        for x in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "axis_max"))
+        if isinstance(x, optim.QuantizedState)
+    ]
+    assert quantized and {q.q.format.bits for q in quantized} == {cfg.optim.state_bits}
+
+
+@pytest.mark.parametrize("averaging", ["ema", "lawa"])
+def test_weight_averaging_is_trained_sharded_and_evaluated(tmp_path, averaging):
+    cfg = _config(**{"optim.averaging": averaging, "optim.schedule": "constant"})
+    cfg.optim.lawa_every = 2
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+    results = trainer.train_and_evaluate(cfg, tmp_path)
+    assert [r.name for r in results][:2] == ["float", f"float ({averaging} average)"]
+    assert results[0].loss != results[1].loss and np.isfinite(results[1].loss)
+
+
+def test_bad_optimizer_config_values_get_clear_errors(tmp_path):
+    for field, value in [
+        ("name", "adagrad"),
+        ("schedule", "linear"),
+        ("averaging", "swa"),
+        ("state_format", "nf4"),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            trainer.Trainer(_config(**{f"optim.{field}": value}), tmp_path)
+    with pytest.raises(ValueError, match="state_bits"):
+        trainer.Trainer(_config(**{"optim.state_bits": 16}), tmp_path)
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     _, one = trainer.Trainer(_config(**{"train.num_steps": 3}), tmp_path / "a").train()
     _, acc = trainer.Trainer(
