@@ -22,6 +22,7 @@ from jaxquant.optim.averaging import (
 from jaxquant.optim.dct import dct_basis, dct_low_rank
 from jaxquant.optim.maps import dynamic_map, linear_map
 from jaxquant.optim.momentum import MomentumState, lion, scale_by_lion, sgd, trace
+from jaxquant.optim.shampoo import ScaleByShampooState, scale_by_shampoo, shampoo
 from jaxquant.optim.state import (
     QuantizedState,
     StateQuantizer,
@@ -63,6 +64,9 @@ __all__ = [
     "quantized_state",
     "scale_by_adam",
     "scale_by_lion",
+    "scale_by_shampoo",
+    "shampoo",
+    "ScaleByShampooState",
     "sgd",
     "state_nbytes",
     "trace",
