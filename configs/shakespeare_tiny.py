@@ -64,6 +64,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.ema_half_life_fraction = 0.04
     c.optim.lawa_k = 5
     c.optim.lawa_every = 100
+    c.optim.shampoo_statistics_interval = 10  # name=shampoo: steps between L, R updates
+    c.optim.shampoo_preconditioner_interval = 10  # and between inverse roots
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

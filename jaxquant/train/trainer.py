@@ -86,7 +86,9 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
     ``config.optim``: ``name`` (``OPTIMIZERS``); ``state_bits`` (32, 8 or 4; Shampoo 32 or 4)
     with ``state_format`` (``''``: the default for the bits; 8: ``dynamic``/``e4m3``; 4:
     ``rank1``/``factorized``) and ``state_rounding`` (``nearest``/``stochastic``), see
-    ``jaxquant.optim``; ``averaging`` (``''``, ``ema``: half-life ``ema_half_life_fraction · t``,
+    ``jaxquant.optim``; Shampoo's ``shampoo_statistics_interval`` and
+    ``shampoo_preconditioner_interval`` (steps between Kronecker-statistics updates and between
+    inverse roots); ``averaging`` (``''``, ``ema``: half-life ``ema_half_life_fraction · t``,
     ``lawa``: the last ``lawa_k`` snapshots every ``lawa_every`` steps), whose averaged weights
     the evaluator reports next to the last iterate. f32 AdamW is ``optax.adamw`` itself.
     """
@@ -119,7 +121,13 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
                 f"({fmt!r}) or state_rounding ({rounding!r})."
             )
         base = optim.shampoo(
-            schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, state_bits=bits
+            schedule,
+            b1=o.b1,
+            b2=o.b2,
+            weight_decay=o.weight_decay,
+            state_bits=bits,
+            statistics_interval=o.get("shampoo_statistics_interval", 10),
+            preconditioner_interval=o.get("shampoo_preconditioner_interval", 10),
         )
     else:
         raise ValueError(f"config.optim.name={name!r}: expected one of {OPTIMIZERS}.")

@@ -12,6 +12,7 @@ import pytest
 
 from configs import shakespeare_tiny
 from jaxquant import optim
+from jaxquant.numerics.qarray import QArray
 from jaxquant.train import metrics, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -95,19 +96,18 @@ def test_4bit_states_shard_over_the_mesh_and_resume_exactly(tmp_path):
         {"optim.name": "sgd", "optim.state_bits": 8, "optim.lr": 0.3},
         {"optim.state_bits": 8, "optim.state_format": "e4m3"},
         {"optim.state_bits": 4, "optim.state_format": "factorized"},
+        {"optim.name": "shampoo", "optim.state_bits": 4, "optim.shampoo_statistics_interval": 2},
     ],
-    ids=["lion8", "sgd8", "adam_e4m3", "adam_4bit_factorized"],
+    ids=["lion8", "sgd8", "adam_e4m3", "adam_4bit_factorized", "shampoo4"],
 )
 def test_optimizer_and_state_format_are_chosen_by_config(tmp_path, overrides):
     cfg = _config(**overrides)
     state, losses = trainer.Trainer(cfg, tmp_path).train()
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
-    quantized = [
-        x
-        for x in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "axis_max"))
-        if isinstance(x, optim.QuantizedState)
-    ]
-    assert quantized and {q.q.format.bits for q in quantized} == {cfg.optim.state_bits}
+    is_q = lambda x: isinstance(x, (optim.QuantizedState, QArray))  # noqa: E731
+    quantized = [x for x in jax.tree.leaves(state.opt_state, is_leaf=is_q) if is_q(x)]
+    bits = {(x.q if isinstance(x, optim.QuantizedState) else x).format.bits for x in quantized}
+    assert quantized and bits == {cfg.optim.state_bits}
 
 
 @pytest.mark.parametrize("averaging", ["ema", "lawa"])
