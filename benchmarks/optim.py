@@ -54,6 +54,7 @@ VARIANTS = {
     "4bit_factorized": {"state_bits": 4, "state_format": "factorized"},
     "shampoo_f32": {"name": "shampoo", "state_bits": 32},
     "shampoo_4bit": {"name": "shampoo", "state_bits": 4},
+    "shampoo_4bit_m8": {"name": "shampoo", "state_bits": 4, "shampoo_moment_bits": 8},
 }
 
 

@@ -66,6 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.lawa_every = 100
     c.optim.shampoo_statistics_interval = 10  # name=shampoo: steps between L, R updates
     c.optim.shampoo_preconditioner_interval = 10  # and between inverse roots
+    c.optim.shampoo_moment_bits = 32  # its Adam (graft, momentum) moments: 32, 8 or 4
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

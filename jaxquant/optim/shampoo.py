@@ -27,7 +27,9 @@ from jax import lax
 from jaxquant.numerics.formats import LookupFormat
 from jaxquant.numerics.qarray import QArray, quantize
 from jaxquant.numerics.scaling import Scaling
+from jaxquant.optim import storage as storage_lib
 from jaxquant.optim.maps import linear_map
+from jaxquant.optim.state import QuantizedState
 
 STATE_BITS = (32, 4)
 GRAFTINGS = ("adam",)
@@ -35,6 +37,8 @@ GRAFTINGS = ("adam",)
 # static_args=STATIC_ARGS)`` keeps them Python ints instead of turning them into arrays.
 STATIC_ARGS = (
     "state_bits",
+    "moment_bits",
+    "moment_format",
     "statistics_interval",
     "preconditioner_interval",
     "max_preconditioner_dim",
@@ -124,7 +128,8 @@ class EigenFactor(NamedTuple):
 
 
 class ScaleByShampooState(NamedTuple):
-    """State of ``scale_by_shampoo``. ``mu`` and ``nu`` mirror the params' tree in f32;
+    """State of ``scale_by_shampoo``. ``mu`` and ``nu`` mirror the params' tree (f32, or as
+    ``moment_bits`` stores them);
     ``preconditioners`` has, per leaf, ``(left, right)`` factors (``MatrixFactor`` or
     ``EigenFactor`` each) or ``()`` for a leaf that Adam alone updates."""
 
@@ -194,6 +199,8 @@ def scale_by_shampoo(
     min_quantized_size: int = 4096,
     bjorck_iterations: int = 1,
     grafting: str = "adam",
+    moment_bits: int = 32,
+    moment_format: str | None = None,
 ) -> optax.GradientTransformation:
     """Shampoo's Kronecker-factored direction with Adam's layer-wise step size; 32- or 4-bit
     preconditioners.
@@ -268,6 +275,11 @@ def scale_by_shampoo(
       min_quantized_size: factors with fewer elements stay f32 at ``state_bits=4``.
       bjorck_iterations: Björck steps after each dequantization (0 turns rectification off).
       grafting: ``'adam'``.
+      moment_bits: storage of Adam's ``mu`` and ``nu`` (the momentum and the graft): 32, or 8
+        / 4 with ``moment_format`` as ``adam.scale_by_adam``'s ``state_bits`` /
+        ``state_format`` (``storage.RECIPES``); independent of ``state_bits``, which is the
+        preconditioners'.
+      moment_format: the recipe at ``moment_bits`` (None: its default).
 
     Returns:
       An ``optax.GradientTransformation`` with ``ScaleByShampooState``.
@@ -300,6 +312,14 @@ def scale_by_shampoo(
         grafting,
     )
 
+    try:
+        moments = storage_lib.moment_storage(moment_bits, moment_format)
+    except ValueError as e:
+        raise ValueError(
+            f"scale_by_shampoo moment_bits={moment_bits!r}, moment_format={moment_format!r} "
+            f"(the Adam moments' storage): {e}"
+        ) from e
+
     def preconditioned(shape) -> bool:
         return len(shape) == 2 and 2 <= min(shape) and max(shape) <= max_preconditioner_dim
 
@@ -323,8 +343,8 @@ def scale_by_shampoo(
         ]
         return ScaleByShampooState(
             count=jnp.zeros([], jnp.int32),
-            mu=treedef.unflatten(zeros),
-            nu=treedef.unflatten(list(zeros)),
+            mu=treedef.unflatten([moments.store_first(z) for z in zeros]),
+            nu=treedef.unflatten([moments.init_second(z.shape) for z in zeros]),
             preconditioners=treedef.unflatten(pre),
         )
 
@@ -397,14 +417,15 @@ def scale_by_shampoo(
         do_root = (count - 1) % preconditioner_interval == 0
 
         grads, treedef = jax.tree.flatten(updates)
-        mus = treedef.flatten_up_to(state.mu)
-        nus = treedef.flatten_up_to(state.nu)
+        is_stored = lambda x: isinstance(x, (QuantizedState, storage_lib.FactoredMoment))  # noqa: E731
+        mus = jax.tree.leaves(state.mu, is_leaf=is_stored)
+        nus = jax.tree.leaves(state.nu, is_leaf=is_stored)
         pres = treedef.flatten_up_to(state.preconditioners)
         out_u, out_mu, out_nu, out_pre = [], [], [], []
         for g, mu, nu, pre in zip(grads, mus, nus, pres, strict=True):
             g32 = g.astype(jnp.float32)
-            mu = (1 - b1) * g32 + b1 * mu
-            nu = (1 - b2) * (g32 * g32) + b2 * nu
+            mu = (1 - b1) * g32 + b1 * storage_lib.load(mu)
+            nu, nu_stored = moments.update_second(nu, g32 * g32, b2)
             m_hat = mu / bc1
             u = m_hat / (jnp.sqrt(nu / bc2) + eps)
             if pre:
@@ -416,8 +437,8 @@ def scale_by_shampoo(
                 u = d * jnp.where(d_norm > 0, jnp.linalg.norm(u) / d_norm, 0.0)
                 pre = (left, right)
             out_u.append(u.astype(g.dtype))
-            out_mu.append(mu)
-            out_nu.append(nu)
+            out_mu.append(moments.store_first(mu))
+            out_nu.append(nu_stored)
             out_pre.append(pre)
         new_state = ScaleByShampooState(
             count=count,
@@ -449,6 +470,8 @@ def shampoo(
     min_quantized_size: int = 4096,
     bjorck_iterations: int = 1,
     grafting: str = "adam",
+    moment_bits: int = 32,
+    moment_format: str | None = None,
 ) -> optax.GradientTransformation:
     """Shampoo with Adam grafting and decoupled weight decay: ``scale_by_shampoo``,
     ``optax.add_decayed_weights``, −lr.
@@ -466,8 +489,8 @@ def shampoo(
       state_bits: 32 (f32 preconditioners) or 4 (4-bit eigenvectors, f32 eigenvalues).
       mask: as ``optax.add_decayed_weights``: which leaves decay.
       beta_precond, matrix_eps, exponent, statistics_interval, preconditioner_interval,
-        max_preconditioner_dim, block_size, min_quantized_size, bjorck_iterations, grafting:
-        as ``scale_by_shampoo``.
+        max_preconditioner_dim, block_size, min_quantized_size, bjorck_iterations, grafting,
+        moment_bits, moment_format: as ``scale_by_shampoo``.
 
     Returns:
       An ``optax.GradientTransformation``; its state is a tuple whose first element is the
@@ -497,6 +520,8 @@ def shampoo(
             min_quantized_size=min_quantized_size,
             bjorck_iterations=bjorck_iterations,
             grafting=grafting,
+            moment_bits=moment_bits,
+            moment_format=moment_format,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

@@ -88,9 +88,10 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
     ``rank1``/``factorized``) and ``state_rounding`` (``nearest``/``stochastic``), see
     ``jaxquant.optim``; Shampoo's ``shampoo_statistics_interval`` and
     ``shampoo_preconditioner_interval`` (steps between Kronecker-statistics updates and between
-    inverse roots); ``averaging`` (``''``, ``ema``: half-life ``ema_half_life_fraction · t``,
-    ``lawa``: the last ``lawa_k`` snapshots every ``lawa_every`` steps), whose averaged weights
-    the evaluator reports next to the last iterate. f32 AdamW is ``optax.adamw`` itself.
+    inverse roots) and ``shampoo_moment_bits`` (its Adam moments: 32, 8 or 4); ``averaging``
+    (``''``, ``ema``: half-life ``ema_half_life_fraction · t``, ``lawa``: the last ``lawa_k``
+    snapshots every ``lawa_every`` steps), whose averaged weights the evaluator reports next
+    to the last iterate. f32 AdamW is ``optax.adamw`` itself.
     """
     o = cfg.optim
     schedule = make_schedule(cfg)
@@ -128,6 +129,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
             state_bits=bits,
             statistics_interval=o.get("shampoo_statistics_interval", 10),
             preconditioner_interval=o.get("shampoo_preconditioner_interval", 10),
+            moment_bits=o.get("shampoo_moment_bits", 32),
         )
     else:
         raise ValueError(f"config.optim.name={name!r}: expected one of {OPTIMIZERS}.")

@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxquant.numerics.qarray import QArray
-from jaxquant.optim import adamw, state_nbytes
+from jaxquant.optim import QuantizedState, adamw, state_nbytes
 from jaxquant.optim.shampoo import (
     STATIC_ARGS,
     EigenFactor,
@@ -362,6 +362,26 @@ def test_converges_on_ill_conditioned_least_squares():
     assert steps["4bit"] < 0.7 * steps["adam"], steps
 
 
+def test_quantized_grafting_moments_train_like_f32_moments():
+    """moment_bits=8 / 4 stores Adam's mu and nu by jaxquant.optim's recipes; the
+    preconditioners are unchanged, the state shrinks by exactly the moments' saving."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((256, 64)), jnp.float32)
+    y = x @ jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)
+    start = float(0.5 * jnp.mean(jnp.sum(y**2, axis=1)))
+    kw = dict(weight_decay=0.0, state_bits=4, min_quantized_size=1024)
+    f32 = float(_train(shampoo(0.1, **kw), x, y, 150)[-1]) / start
+    for bits in (8, 4):
+        q = float(_train(shampoo(0.1, moment_bits=bits, **kw), x, y, 150)[-1]) / start
+        assert q < max(3 * f32, 1e-5), (bits, q, f32)
+    params = {"w": jnp.zeros((128, 96)), "b": jnp.zeros((96,))}
+    s32 = scale_by_shampoo().init(params)
+    s8 = scale_by_shampoo(moment_bits=8).init(params)
+    assert isinstance(s8.mu["w"], QuantizedState) and isinstance(s8.nu["w"], QuantizedState)
+    blocks = 128 * 96 // 256
+    assert state_nbytes(s32) - state_nbytes(s8) == 2 * (4 * 128 * 96 - 128 * 96 - 4 * blocks)
+
+
 # ---------------------------------------------------------------- state, memory, jit, orbax
 
 
@@ -513,6 +533,8 @@ def test_works_under_inject_hyperparams_and_multisteps():
         ({"beta_precond": 1.0}, "beta_precond"),
         ({"matrix_eps": 0.0}, "matrix_eps"),
         ({"exponent": 0.25}, "exponent"),
+        ({"moment_bits": 16}, "moment_bits"),
+        ({"moment_bits": 8, "moment_format": "rank1"}, "moment_format"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs, name):

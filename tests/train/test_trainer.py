@@ -96,7 +96,12 @@ def test_4bit_states_shard_over_the_mesh_and_resume_exactly(tmp_path):
         {"optim.name": "sgd", "optim.state_bits": 8, "optim.lr": 0.3},
         {"optim.state_bits": 8, "optim.state_format": "e4m3"},
         {"optim.state_bits": 4, "optim.state_format": "factorized"},
-        {"optim.name": "shampoo", "optim.state_bits": 4, "optim.shampoo_statistics_interval": 2},
+        {
+            "optim.name": "shampoo",
+            "optim.state_bits": 4,
+            "optim.shampoo_statistics_interval": 2,
+            "optim.shampoo_moment_bits": 4,
+        },
     ],
     ids=["lion8", "sgd8", "adam_e4m3", "adam_4bit_factorized", "shampoo4"],
 )
