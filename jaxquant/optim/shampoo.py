@@ -16,7 +16,6 @@ Terminology:
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -25,11 +24,9 @@ import optax
 from jax import lax
 
 from jaxquant.numerics.formats import LookupFormat
-from jaxquant.numerics.qarray import QArray, quantize
-from jaxquant.numerics.scaling import Scaling
+from jaxquant.numerics.qarray import QArray
 from jaxquant.optim import storage as storage_lib
-from jaxquant.optim.maps import linear_map
-from jaxquant.optim.state import QuantizedState
+from jaxquant.optim.state import QuantizedState, StateQuantizer, linear_format
 
 STATE_BITS = (32, 4)
 GRAFTINGS = ("adam",)
@@ -55,20 +52,20 @@ _matmul = functools.partial(jnp.matmul, precision=lax.Precision.HIGHEST)
 
 @functools.cache
 def linear2_format(bits: int = 4) -> LookupFormat:
-    """The signed Linear-2 map as a ``LookupFormat`` (label ``linear2s4``): the values
-    ``sign(t) · t²``, ``t = −1 + 2j / (2**bits − 1)``, ``j = 0 .. 2**bits − 1`` (no 0, ±1
-    included). See ``maps.linear_map``."""
-    values = linear_map(signed=True, bits=bits, power=2)
-    return LookupFormat(tuple(values), label=f"linear2s{bits}")
+    """The signed Linear-2 map as a ``LookupFormat`` (``state.linear_format(True, bits, 2)``,
+    label ``linear4s_p2``): the values ``sign(t) · t²``, ``t = −1 + 2j / (2**bits − 1)``,
+    ``j = 0 .. 2**bits − 1`` (no 0, ±1 included). See ``maps.linear_map``."""
+    return linear_format(True, bits, 2)
 
 
 def quantize_eigenvectors(u: jax.Array, block_size: int = 64) -> QArray:
     """Quantizes a matrix block-wise onto the 4-bit Linear-2 map.
 
     ``u`` is flattened (row-major), zero-padded to whole blocks of ``block_size`` and quantized
-    with one f32 absmax scale per block: ``code = argmin_i |m_i − x / s|``, ``s = max |x|``.
-    The map has no 0, so an exact 0 reads back as ``−(1/15)² · s`` (ties go to the lower code);
-    padding never raises a block's scale and is dropped by ``dequantize_eigenvectors``.
+    with one f32 absmax scale per block: ``code = argmin_i |m_i − x / s|``, ``s = max |x|``
+    (``StateQuantizer(linear2_format(), block_size)``'s codes). The map has no 0, so an exact
+    0 reads back as ``−(1/15)² · s`` (ties go to the lower code); padding never raises a
+    block's scale and is dropped by ``dequantize_eigenvectors``.
 
     Args:
       u: float [d, d] (any shape works), cast to f32.
@@ -84,10 +81,7 @@ def quantize_eigenvectors(u: jax.Array, block_size: int = 64) -> QArray:
     """
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"quantize_eigenvectors block_size={block_size!r}: expected an int >= 1.")
-    flat = jnp.asarray(u, jnp.float32).reshape(-1)
-    padded = max(1, math.ceil(flat.size / block_size)) * block_size
-    flat = jnp.pad(flat, (0, padded - flat.size))
-    return quantize(flat, linear2_format(), Scaling(axis=0, group_size=block_size))
+    return StateQuantizer(linear2_format(), block_size).quantize(u).q
 
 
 def dequantize_eigenvectors(q: QArray, dim: int) -> jax.Array:

@@ -178,7 +178,7 @@ def test_linear2_map_values():
     fmt = linear2_format()
     values = np.asarray(fmt.values)
     np.testing.assert_allclose(values, _np_linear2(), rtol=0, atol=1e-15)
-    assert fmt.bits == 4 and fmt.name == "linear2s4" and values.size == 16
+    assert fmt.bits == 4 and fmt.name == "linear4s_p2" and values.size == 16
     assert values[0] == -1.0 and values[-1] == 1.0 and 0.0 not in values
     np.testing.assert_allclose(values, -values[::-1], atol=1e-15)  # symmetric
     assert values[8] == pytest.approx((1 / 15) ** 2)  # the smallest magnitude
@@ -394,7 +394,7 @@ def test_4bit_state_layout_and_eval_shape():
     assert isinstance(left, MatrixFactor)  # 40² = 1600 < min_quantized_size
     assert left.statistics.shape == left.inverse_root.shape == (40, 40)
     assert isinstance(right, EigenFactor) and right.eigenvalues.shape == (96,)
-    assert right.eigenvectors.format.name == "linear2s4" and right.eigenvectors.format.bits == 4
+    assert right.eigenvectors.format.name == "linear4s_p2" and right.eigenvectors.format.bits == 4
     assert state.preconditioners["b"] == ()
     assert state.mu["w"].dtype == state.nu["b"].dtype == jnp.float32
     abstract = jax.eval_shape(opt.init, params)
