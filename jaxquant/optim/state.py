@@ -68,11 +68,6 @@ class QuantizedState:
         return self.q.dequantize(jnp.float32)[: self.size].reshape(self.shape)
 
 
-def is_quantized_state(x) -> bool:
-    """For ``is_leaf=`` in tree maps that should stop at QuantizedStates."""
-    return isinstance(x, QuantizedState)
-
-
 def _rank1_scale(axis_max) -> jax.Array:
     nd = len(axis_max)
     out = None
@@ -157,11 +152,6 @@ class StateQuantizer:
         if self.sign_nudge:
             q = _sign_nudge(q, flat)
         return QuantizedState(q=q, shape=shape)
-
-    def nbytes(self, shape: tuple[int, ...]) -> int:
-        """Exact bytes of the QuantizedState this quantizer makes from a state of ``shape``."""
-        struct_ = jax.eval_shape(self.quantize, jax.ShapeDtypeStruct(shape, jnp.float32))
-        return state_nbytes(struct_)
 
 
 def dynamic_quantizer(signed: bool, bits: int = 8, block_size: int = 256) -> StateQuantizer:
