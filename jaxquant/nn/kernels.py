@@ -30,6 +30,7 @@ from jax import lax
 
 from jaxquant.numerics import QArray
 from jaxquant.numerics import formats as formats_lib
+from jaxquant.vq import VQArray, vq_matmul
 from pallas_kernels import packing
 from pallas_kernels.quantized_matmul import quantized_matmul
 
@@ -124,11 +125,25 @@ def qarray_dot_general(
 ) -> jax.Array:
     """``lax.dot_general(lhs, q.dequantize(lhs.dtype), dimension_numbers, ...)``, through
     ``pallas_kernels.quantized_matmul`` when it is ``lhs [..., K] @ q [K, ...]`` and the kernel
-    reads ``q`` (``kernel_args``)."""
+    reads ``q`` (``kernel_args``); a ``VQArray`` in such a contraction goes to
+    ``jaxquant.vq.vq_matmul`` (``codebook_matmul`` on its codes, the rotation on the
+    activations)."""
     (lc, rc), (lb, rb) = dimension_numbers
     options = _OPTIONS.get()
     plain = not lb and not rb and tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,)
-    args = kernel_args(q) if plain and options.enabled else None
+    if isinstance(q, VQArray):
+        if plain and options.enabled and lhs.dtype in (jnp.float32, jnp.bfloat16):
+            out_dtype = lhs.dtype if preferred_element_type is None else preferred_element_type
+            return vq_matmul(
+                lhs,
+                q,
+                out_dtype=out_dtype,
+                implementation=options.implementation,
+                interpret=options.interpret,
+            )
+        args = None
+    else:
+        args = kernel_args(q) if plain and options.enabled else None
     if args is None or lhs.dtype not in (jnp.float32, jnp.bfloat16):
         return lax.dot_general(
             lhs,

@@ -23,7 +23,7 @@ from flax.linen import meta
 
 from jaxquant.nn import ops
 from jaxquant.nn.rules import QuantConfig, layer_path
-from jaxquant.numerics import QArray
+from jaxquant.numerics import QuantizedTensor
 
 _FLOAT = QuantConfig()
 
@@ -33,8 +33,8 @@ def _tuple(x) -> tuple:
 
 
 def _promote(module, inputs, kernel, bias):
-    """Flax's dtype promotion, with a QArray kernel passed through (dequantized later)."""
-    if isinstance(kernel, QArray):
+    """Flax's dtype promotion, with a quantized kernel passed through (dequantized later)."""
+    if isinstance(kernel, QuantizedTensor):
         inputs, bias = module.promote_dtype(inputs, bias, dtype=module.dtype)
         return inputs, kernel, bias
     return module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
@@ -86,7 +86,7 @@ def dense_general(module, inputs, config: QuantConfig, role: str = "linear"):
     # A QArray frozen in its merged view [K, *features] is served as is (the kernel reads it)
     # when the input's contracted axes are trailing: they merge into K by a free reshape.
     merged = (
-        isinstance(kernel, QArray)
+        isinstance(kernel, QuantizedTensor)
         and tuple(kernel.shape) != kernel_shape
         and not n_batch
         and axis == tuple(range(ndim - n_axis, ndim))
@@ -171,8 +171,10 @@ def einsum(module, inputs, einsum_str, config: QuantConfig, role: str = "linear"
         rule,
     )
     n_contract = _matmul_einsum(einsum_str)
-    served = isinstance(kernel, QArray) and n_contract and (rule is None or rule.act is None)
-    if isinstance(kernel, QArray) and not served:  # jnp.einsum takes arrays: dequantize
+    served = (
+        isinstance(kernel, QuantizedTensor) and n_contract and (rule is None or rule.act is None)
+    )
+    if isinstance(kernel, QuantizedTensor) and not served:  # jnp.einsum takes arrays: dequantize
         kernel = kernel.dequantize(module.param_dtype).reshape(tuple(module.shape))
     bias = None
     if module.use_bias:
@@ -261,7 +263,7 @@ class QEmbed(nn.Embed):
 
     def _table(self):
         table = self.embedding
-        if isinstance(table, QArray):
+        if isinstance(table, QuantizedTensor):
             table = table.dequantize(self.param_dtype)
         return table
 

@@ -10,7 +10,8 @@ Variables a quantized layer may own (besides Flax's own params):
   'qstats'/hessian           f32 [K, K], ``sum x xᵀ`` over calibration rows (K = contracted size).
   'qstats'/count             f32 [], rows seen.
   'qstats'/absmax            f32 [], the largest input magnitude seen.
-  'quant'/<weight>           the frozen QArray (freeze writes it, serve reads it).
+  'params'/<weight>_codebook DKM's learned codebook (QAT with ``VQ(qat='dkm')``).
+  'quant'/<weight>           the frozen QArray or VQArray (freeze writes it, serve reads it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from jax import lax
 
 from jaxquant.nn import kernels
 from jaxquant.nn.rules import QuantConfig, QuantRule, TensorQuant
-from jaxquant.numerics import QArray, fake_quant, lsq_init_scale, quantize
+from jaxquant.numerics import QuantizedTensor, fake_quant, lsq_init_scale, quantize
+from jaxquant.vq import fake_quant_vq, quantize_vq
 
 
 def _need_mutable(module, collection: str, mode: str):
@@ -52,7 +54,7 @@ def weight_view(shape, contracting) -> tuple[tuple[int, ...], tuple[int, ...]]:
 def as_kernel(weight, shape):
     """A weight in the kernel's own shape: arrays and same-shape QArrays pass through, a QArray
     stored in its merged view is dequantized and reshaped."""
-    if isinstance(weight, QArray) and tuple(weight.shape) != tuple(shape):
+    if isinstance(weight, QuantizedTensor) and tuple(weight.shape) != tuple(shape):
         return weight.dequantize().reshape(shape)
     return weight
 
@@ -66,7 +68,7 @@ def layer_weight(
     contracting: tuple[int, ...],
     config: QuantConfig,
     rule: QuantRule | None,
-) -> jax.Array | QArray:
+) -> jax.Array | QuantizedTensor:
     """The weight a layer computes with: float, fake-quantized, frozen, or the served QArray.
 
     ``contracting`` are the weight's axes that the layer's matmul sums over; the weight is
@@ -92,6 +94,8 @@ def layer_weight(
     if spec is None or config.mode in ("float", "calibrate"):
         return w
     wv = w.reshape(view_shape)
+    if spec.is_vq:
+        return _vq_weight(module, name, w, wv, view_contracting, config, spec.format, path)
     fmt, scaling = spec.resolve(view_contracting, wv.ndim)
     if config.mode == "qat":
         if spec.lsq:
@@ -109,6 +113,29 @@ def layer_weight(
             )
         scale = module.get_variable("params", f"{name}_scale")
     q = quantize(wv, fmt, scaling, calibration=spec.calibration, scale=scale)
+    module.put_variable("quant", name, q)
+    return q
+
+
+def _vq_weight(module, name, w, wv, view_contracting, config, recipe, path):
+    """QAT (straight-through or DKM) and freeze for a ``VQ`` recipe; the view must contract
+    over its axis 0 (a ``[K, *rest]`` matrix view)."""
+    if tuple(view_contracting) != (0,):
+        raise ValueError(
+            f"{recipe.name} on {name!r} of {path}: vector quantization needs the weight's "
+            f"contracted axes leading (view contracted over axis 0), got axes {view_contracting}."
+        )
+    if config.mode == "qat":
+        if recipe.qat == "dkm":
+            from jaxquant.vq import dkm_weight
+
+            return dkm_weight(module, name, wv, recipe).reshape(w.shape)
+        return fake_quant_vq(wv, recipe).reshape(w.shape)
+    _need_mutable(module, "quant", "freeze")
+    codebook = None
+    if recipe.qat == "dkm" and module.has_variable("params", f"{name}_codebook"):
+        codebook = module.get_variable("params", f"{name}_codebook")
+    q = quantize_vq(wv, recipe, codebook=codebook)
     module.put_variable("quant", name, q)
     return q
 
@@ -154,7 +181,8 @@ def quant_dot_general(module, config: QuantConfig, rule: QuantRule | None, base=
     * qat, freeze, serve: fake-quantizes the input (lhs) when the rule has ``act``;
     * a QArray rhs (serve) goes to ``kernels.qarray_dot_general``: the Pallas low-bit matmul
       when it reads the QArray, else dequantize to the input's dtype, then ``lax.dot_general``
-      (a module's own ``dot_general`` is not used for QArray weights).
+      (a module's own ``dot_general`` is not used for QArray weights); a VQArray goes to
+      ``jaxquant.vq.vq_matmul`` (``codebook_matmul``) the same way.
     """
     base = lax.dot_general if base is None else base
     act = rule.act if rule is not None else None
@@ -166,7 +194,7 @@ def quant_dot_general(module, config: QuantConfig, rule: QuantRule | None, base=
             _record_input_stats(module, lhs, tuple(lhs_contract), tuple(lhs_batch))
         if act is not None and config.mode in ("qat", "freeze", "serve"):
             lhs = _quant_input(module, lhs, tuple(lhs_contract), act)
-        if isinstance(rhs, QArray):  # serve: the Pallas kernel, or dequantize then matmul
+        if isinstance(rhs, QuantizedTensor):  # serve: a kernel, or dequantize then matmul
             return kernels.qarray_dot_general(
                 lhs, rhs, dimension_numbers, precision, preferred_element_type
             )

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 from jaxquant.numerics import Calibration, Format, Preset, Scaling
 from jaxquant.numerics.formats import ROUNDINGS
+from jaxquant.vq import VQ
 
 MODES = ("float", "qat", "calibrate", "freeze", "serve")
 ROLES = ("linear", "embedding", "head")
@@ -34,7 +35,8 @@ class TensorQuant:
     """How one tensor (a weight or an activation) is quantized.
 
     Attributes:
-      format: an element format or a preset.
+      format: an element format, a preset, or a ``jaxquant.vq.VQ`` recipe (vector
+        quantization: weights only, contracted over the leading axes of their view).
       scaling: overrides the preset's scaling (its ``axis`` is replaced by the contracting axes
         of the tensor at hand; only ``None`` vs per-channel vs ``group_size`` matters).
       calibration: ``'absmax'``, ``'mse'``, ``'percentile'`` or a ``Calibration``.
@@ -43,15 +45,22 @@ class TensorQuant:
         instead of calibrating it each step; freeze then quantizes with the learned scale.
     """
 
-    format: Format | Preset
+    format: Format | Preset | VQ
     scaling: Scaling | None = None
     calibration: str | Calibration = "absmax"
     rounding: str = "nearest"
     lsq: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.format, (Format, Preset)):
-            raise TypeError(f"TensorQuant format={self.format!r}: expected a Format or a Preset.")
+        if not isinstance(self.format, (Format, Preset, VQ)):
+            raise TypeError(
+                f"TensorQuant format={self.format!r}: expected a Format, a Preset or a VQ."
+            )
+        if isinstance(self.format, VQ) and (self.scaling is not None or self.lsq):
+            raise ValueError(
+                f"TensorQuant format={self.format.name}: a VQ recipe sets its own scales; "
+                "scaling= and lsq=True do not apply."
+            )
         if self.scaling is not None and not isinstance(self.scaling, Scaling):
             raise TypeError(f"TensorQuant scaling={self.scaling!r}: expected a Scaling or None.")
         if self.rounding not in ROUNDINGS or self.rounding == "stochastic":
@@ -67,6 +76,10 @@ class TensorQuant:
     @property
     def name(self) -> str:
         return str(self.format)
+
+    @property
+    def is_vq(self) -> bool:
+        return isinstance(self.format, VQ)
 
     def resolve(self, contracting: Sequence[int], ndim: int) -> tuple[Format, Scaling]:
         """(format, scaling) for a tensor of rank ``ndim`` contracted over ``contracting``."""
@@ -88,9 +101,9 @@ class TensorQuant:
 def as_tensor_quant(spec) -> TensorQuant | None:
     if spec is None or isinstance(spec, TensorQuant):
         return spec
-    if isinstance(spec, (Format, Preset)):
+    if isinstance(spec, (Format, Preset, VQ)):
         return TensorQuant(format=spec)
-    raise TypeError(f"expected a TensorQuant, Preset, Format or None, got {spec!r}.")
+    raise TypeError(f"expected a TensorQuant, Preset, Format, VQ or None, got {spec!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +129,11 @@ class QuantRule:
             ) from None
         object.__setattr__(self, "weight", as_tensor_quant(self.weight))
         object.__setattr__(self, "act", as_tensor_quant(self.act))
+        if self.act is not None and self.act.is_vq:
+            raise ValueError(
+                f"QuantRule({self.path!r}) act={self.act.name}: VQ recipes quantize weights, "
+                "not activations."
+            )
         roles = (self.roles,) if isinstance(self.roles, str) else tuple(self.roles)
         bad = [r for r in roles if r not in ROLES]
         if bad or not roles:

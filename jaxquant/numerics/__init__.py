@@ -44,7 +44,7 @@ from jaxquant.numerics.presets import (
     Preset,
     get_preset,
 )
-from jaxquant.numerics.qarray import QArray, quantize
+from jaxquant.numerics.qarray import QArray, QuantizedTensor, quantize
 from jaxquant.numerics.scaling import Scaling
 from pallas_kernels.packing import pack, packed_length, unpack
 
@@ -81,6 +81,7 @@ __all__ = [
     "PRESETS",
     "Preset",
     "QArray",
+    "QuantizedTensor",
     "Scaling",
     "UINT4",
     "UINT8",

@@ -25,8 +25,15 @@ from jaxquant.numerics.presets import Preset
 from pallas_kernels import packing
 
 
+class QuantizedTensor:
+    """Base of the quantized-weight pytrees: ``QArray`` (scalar codes) and
+    ``jaxquant.vq.VQArray`` (vector codes). Subclasses have ``shape``, ``dtype``, ``size``,
+    ``dequantize(dtype=None)``, ``nbytes`` and ``bits_per_weight``; layers, ``freeze`` and the
+    PTQ pipeline handle any of them through this interface."""
+
+
 @struct.dataclass
-class QArray:
+class QArray(QuantizedTensor):
     """A quantized array: packed codes, per-block scales, and the static recipe to read them.
 
     Invariants:
@@ -109,8 +116,9 @@ class QArray:
 
 
 def is_qarray(x) -> bool:
-    """For ``is_leaf=`` in tree maps that should stop at QArrays."""
-    return isinstance(x, QArray)
+    """For ``is_leaf=`` in tree maps that should stop at quantized arrays (``QArray``,
+    ``VQArray``)."""
+    return isinstance(x, QuantizedTensor)
 
 
 def resolve(fmt, scaling: scaling_lib.Scaling | None):

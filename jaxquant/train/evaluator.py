@@ -31,7 +31,7 @@ from jaxquant.data import bits_per_byte as _bits_per_byte
 from jaxquant.data import eval_batches
 from jaxquant.models import Llama
 from jaxquant.nn import QuantConfig, QuantRule, freeze, serving_params
-from jaxquant.numerics import INT4, INT8, QArray
+from jaxquant.numerics import INT4, INT8, QuantizedTensor
 from jaxquant.numerics.qarray import is_qarray
 
 
@@ -92,7 +92,7 @@ def _size_and_bytes(variables) -> tuple[int, int]:
     """(number of parameters, bytes) of every array in ``variables``, QArrays by their shape."""
     num, nbytes = 0, 0
     for leaf in jax.tree.leaves(variables, is_leaf=is_qarray):
-        if isinstance(leaf, QArray):
+        if isinstance(leaf, QuantizedTensor):
             num, nbytes = num + leaf.size, nbytes + leaf.nbytes
         else:
             num += math.prod(np.shape(leaf))

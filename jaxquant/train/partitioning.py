@@ -292,7 +292,9 @@ def state_shardings(abstract_variables, mesh: Mesh, rules=DEFAULT_RULES):
     )
     flat_out = {}
     for path, q in flat_quant.items():
-        if is_qarray(q):
+        if is_qarray(q) and not isinstance(q, QArray):  # VQArray: small, replicated
+            flat_out[path] = jax.tree.map(lambda _: replicated, q)
+        elif is_qarray(q):
             weight = flat_params.get(path)
             if weight is not None and path in param_shapes:
                 weight = _view_sharding(weight, tuple(param_shapes[path].shape), tuple(q.shape))

@@ -1,10 +1,32 @@
-"""jaxquant.vq: vector quantization.
+"""jaxquant.vq: vector quantization, as formats that rules select.
 
-So far: nearest-point decoding in the D8 and E8 lattices (``lattice``), the search step of
-E8 codebooks (QuIP#-style). Codebooks, k-means, Pyramid VQ and DKM come with the rest of the
-vector-quantization issue.
+A ``VQ`` recipe (``formats``) names a ``VectorFormat`` and how scales, codebooks and the
+randomized Hadamard rotation are shared; ``quantize_vq`` turns a weight into a ``VQArray``
+(``vqarray``), which layers serve through ``vq_matmul`` (``codebook_matmul`` on the codes).
+
+Formats: ``KMeans`` (k-means codebooks, ``kmeans``). Building blocks: ``nearest_d8`` /
+``nearest_e8`` (``lattice``), ``rotation`` (RHT incoherence).
 """
 
+from jaxquant.vq import rotation
+from jaxquant.vq.formats import VQ, KMeans, VectorFormat, gaussian_code_mse
+from jaxquant.vq.kmeans import assign, distortion, kmeans
 from jaxquant.vq.lattice import nearest_d8, nearest_e8
+from jaxquant.vq.vqarray import VQArray, fake_quant_vq, quantize_vq, vq_matmul
 
-__all__ = ["nearest_d8", "nearest_e8"]
+__all__ = [
+    "VQ",
+    "KMeans",
+    "VQArray",
+    "VectorFormat",
+    "assign",
+    "distortion",
+    "fake_quant_vq",
+    "gaussian_code_mse",
+    "kmeans",
+    "nearest_d8",
+    "nearest_e8",
+    "quantize_vq",
+    "rotation",
+    "vq_matmul",
+]

@@ -1,0 +1,312 @@
+"""Vector formats: what the code of one vector of weights can be, and ``VQ``, the rule-level
+recipe (format + scales + rotation + QAT mode) that ``QuantRule(weight=VQ(...))`` selects.
+
+Terminology:
+  vector:      ``vector_dim`` (d) consecutive weights of one output column along the input
+               axis K: vector ``(j, n)`` is ``w[j*d : (j+1)*d, n]``. (For the trellis, d is
+               the length T of one trellis sequence.)
+  unit space:  weights divided by their scale (the RMS of their group times
+               ``format.unit_scale``), so they are roughly N(0, 1); formats encode and decode
+               there.
+  codes:       uint8 [M, code_bytes]: the little-endian bytes of one vector's code words
+               (e.g. an E8P index is 2 bytes; 3-bit E8P + residual is 2 + 1).
+  codebook:    a learned format's data-fitted table f32 [C, d], stored with the array; formats
+               with a fixed (computed) codebook store none.
+  lookup:      what ``codebook_matmul`` reads: per stage, the index bits, indices and a
+               [2**bits, d] table; a vector's value is the sum over stages of
+               ``table_s[index_s]``.
+
+Every format defines ``encode`` (x [M, d] in unit space -> codes) and ``decode`` (codes ->
+[M, d]); ``code_bits_per_weight`` is the information rate of its codes (the stored rate is
+``8 * code_bytes / d``).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.vq import kmeans as kmeans_lib
+
+QAT_MODES = ("ste", "dkm")
+
+
+def words_to_bytes(words: jax.Array, widths: tuple[int, ...]) -> jax.Array:
+    """uint8 [M, sum(widths)]: column s of ``words`` [M, S] (non-negative ints) as ``widths[s]``
+    little-endian bytes."""
+    w = words.astype(jnp.uint32)
+    out = []
+    for s, nb in enumerate(widths):
+        for b in range(nb):
+            out.append(((w[:, s] >> (8 * b)) & 0xFF).astype(jnp.uint8))
+    return jnp.stack(out, axis=1)
+
+
+def bytes_to_words(codes: jax.Array, widths: tuple[int, ...]) -> jax.Array:
+    """The inverse of ``words_to_bytes``: uint32 [M, S]."""
+    c = codes.astype(jnp.uint32)
+    out, i = [], 0
+    for nb in widths:
+        v = jnp.zeros(c.shape[:1], jnp.uint32)
+        for b in range(nb):
+            v = v | (c[:, i] << (8 * b))
+            i += 1
+        out.append(v)
+    return jnp.stack(out, axis=1)
+
+
+def index_bytes(bits: int) -> int:
+    """Bytes of one stored index of ``bits`` bits (1, 2 or 4)."""
+    return 1 if bits <= 8 else 2 if bits <= 16 else 4
+
+
+class VectorFormat(abc.ABC):
+    """Base class of vector formats (frozen dataclasses: hashable, static under jit)."""
+
+    vector_dim: int
+    learned = False  # True: ``fit`` makes a codebook stored with each array
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """Short lowercase name, e.g. ``kmeans_d4_b8``, ``e8p2``."""
+
+    @property
+    @abc.abstractmethod
+    def code_bytes(self) -> int:
+        """Stored bytes per vector."""
+
+    @property
+    @abc.abstractmethod
+    def code_bits_per_weight(self) -> float:
+        """Information bits per weight of the codes (no scales, no stored codebook)."""
+
+    @property
+    def code_bits(self) -> int | None:
+        """Bits of a code that is one word narrower than a byte (stored bit-packed along the
+        output axis, ``pallas_kernels.packing``), else None (stored as ``code_bytes``)."""
+        return None
+
+    @property
+    def unit_scale(self) -> float:
+        """The scale, in units of the RMS of a group, that makes the group fit the code."""
+        return 1.0
+
+    def fit(self, x: jax.Array, weights: jax.Array | None, key: jax.Array) -> jax.Array | None:
+        """A codebook for unit-space vectors ``x`` [M, d] (learned formats), else None."""
+        del x, weights, key
+        return None
+
+    @abc.abstractmethod
+    def encode(self, x: jax.Array, codebook, weights: jax.Array | None = None) -> jax.Array:
+        """uint8 [M, code_bytes]: the codes of unit-space vectors ``x`` [M, d]; ``weights``
+        [M, d] (importance of each element) where the format's search can use them."""
+
+    @abc.abstractmethod
+    def decode(self, codes: jax.Array, codebook) -> jax.Array:
+        """f32 [M, d]: the unit-space vectors of ``codes``."""
+
+    def lookup(self, codes: jax.Array, codebook) -> list[tuple[int, jax.Array, jax.Array]] | None:
+        """What ``codebook_matmul`` reads, per stage: ``(index_bits, indices, table)`` with
+        indices uint8/uint16 [M] (uint8 up to 8 bits) and table f32 [2**index_bits, d], such that
+        ``decode(codes)[m] = Σ_stages table[indices[m]]``; None when the format is not served by
+        table lookup (it is then dequantized, then multiplied)."""
+        del codes, codebook
+        return None
+
+    def check_dims(self) -> None:
+        d = self.vector_dim
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise ValueError(f"{type(self).__name__} vector_dim={d!r}: expected an int >= 1.")
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class KMeans(VectorFormat):
+    """A k-means codebook of ``2**index_bits`` codewords of ``vector_dim`` (1 to 8) elements,
+    fitted to each weight (k-means++ then Lloyd, weighted by the Hessian diagonal when the
+    caller has one): ``index_bits / vector_dim`` bits per weight plus the f32 codebook.
+
+    References: van Baalen et al., "GPTVQ", arXiv:2402.15319, Sec. 3; Gersho & Gray, "Vector
+    Quantization and Signal Compression", Ch. 11.
+    """
+
+    vector_dim: int
+    index_bits: int
+    iters: int = 25
+    learned = True
+
+    def __post_init__(self):
+        self.check_dims()
+        if not 1 <= self.vector_dim <= 8:
+            raise ValueError(f"KMeans vector_dim={self.vector_dim}: expected 1 to 8.")
+        b = self.index_bits
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 16:
+            raise ValueError(f"KMeans index_bits={b!r}: expected an int from 1 to 16.")
+        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
+            raise ValueError(f"KMeans iters={self.iters!r}: expected an int >= 0.")
+
+    @property
+    def name(self) -> str:
+        return f"kmeans_d{self.vector_dim}_b{self.index_bits}"
+
+    @property
+    def num_codewords(self) -> int:
+        return 2**self.index_bits
+
+    @property
+    def code_bytes(self) -> int:
+        return index_bytes(self.index_bits)
+
+    @property
+    def code_bits(self) -> int | None:
+        return self.index_bits if self.index_bits < 8 else None
+
+    @property
+    def code_bits_per_weight(self) -> float:
+        return self.index_bits / self.vector_dim
+
+    def fit(self, x, weights, key):
+        m = x.shape[0]
+        c = self.num_codewords
+        if m < c:
+            raise ValueError(
+                f"{self.name}: {m} vectors cannot fit a codebook of {c} codewords; use fewer "
+                "index_bits or quantize a larger tensor (or fewer codebook_groups)."
+            )
+        return kmeans_lib.kmeans(x, c, weights=weights, iters=self.iters, key=key)
+
+    def encode(self, x, codebook, weights=None):
+        w = kmeans_lib._full_weights(x, weights)
+        idx, _ = kmeans_lib._assign(x.astype(jnp.float32), w, codebook.astype(jnp.float32))
+        return words_to_bytes(idx[:, None], (self.code_bytes,))
+
+    def decode(self, codes, codebook):
+        idx = bytes_to_words(codes, (self.code_bytes,))[:, 0].astype(jnp.int32)
+        return jnp.asarray(codebook, jnp.float32)[idx]
+
+    def lookup(self, codes, codebook):
+        if self.vector_dim < 2 or self.index_bits < 4:
+            return None  # codebook_matmul reads 2- to 8-vectors with 4- to 16-bit indices
+        idx = bytes_to_words(codes, (self.code_bytes,))[:, 0]
+        idx = idx.astype(jnp.uint8 if self.index_bits <= 8 else jnp.uint16)
+        return [(self.index_bits, idx, jnp.asarray(codebook, jnp.float32))]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VQ:
+    """A vector-quantization recipe for a weight, accepted wherever rules take a format.
+
+    The weight is viewed as ``[K, N]`` (K: the contracted axis 0 of its view, N: the rest),
+    optionally rotated (``rotate``: randomized Hadamard incoherence, ``rotation``), cut into
+    vectors of ``format.vector_dim`` along K, divided by a per-group scale (one per
+    ``group_size`` rows and output column; per column when None) and encoded.
+
+    Attributes:
+      format: a ``VectorFormat`` (``KMeans``, ``E8P``, ``PyramidVQ``, ``Trellis``).
+      group_size: rows of K per scale, a multiple of ``format.vector_dim``; None: per column.
+      codebook_groups: learned formats: one codebook per this many groups of output columns.
+      rotate: randomized Hadamard incoherence (signs drawn from ``seed``).
+      seed: seed of the rotation signs and of k-means' seeding.
+      refit_scale: after encoding (RTN, not Hessian-aware), replace each scale by the
+        least-squares one for its decoded group, which never raises the error.
+      qat: ``'ste'`` (quantize-dequantize forward, straight-through gradient) or ``'dkm'``
+        (differentiable k-means for learned formats: soft assignment to a learned codebook).
+      dkm_temperature: DKM's softmax temperature, in unit-space squared distance.
+      dkm_iters: DKM's soft k-means iterations per forward pass.
+    """
+
+    format: VectorFormat
+    group_size: int | None = None
+    codebook_groups: int = 1
+    rotate: bool = False
+    seed: int = 0
+    refit_scale: bool = True
+    qat: str = "ste"
+    dkm_temperature: float = 0.05
+    dkm_iters: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.format, VectorFormat):
+            raise TypeError(f"VQ format={self.format!r}: expected a VectorFormat.")
+        d = self.format.vector_dim
+        g = self.group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1 or g % d):
+            raise ValueError(
+                f"VQ group_size={g!r}: expected None or a positive multiple of the format's "
+                f"vector_dim={d}."
+            )
+        cg = self.codebook_groups
+        if isinstance(cg, bool) or not isinstance(cg, int) or cg < 1:
+            raise ValueError(f"VQ codebook_groups={cg!r}: expected an int >= 1.")
+        if cg > 1 and not self.format.learned:
+            raise ValueError(
+                f"VQ codebook_groups={cg}: {self.format.name} has a fixed codebook; only learned "
+                "formats (KMeans) fit one per group of columns."
+            )
+        if self.qat not in QAT_MODES:
+            raise ValueError(f"VQ qat={self.qat!r}: expected one of {QAT_MODES}.")
+        if self.qat == "dkm" and not self.format.learned:
+            raise ValueError(
+                f"VQ qat='dkm' needs a learned codebook (KMeans), not {self.format.name}."
+            )
+        if not self.dkm_temperature > 0:
+            raise ValueError(f"VQ dkm_temperature={self.dkm_temperature!r}: expected > 0.")
+        if isinstance(self.dkm_iters, bool) or not isinstance(self.dkm_iters, int):
+            raise ValueError(f"VQ dkm_iters={self.dkm_iters!r}: expected an int >= 0.")
+        if self.dkm_iters < 0:
+            raise ValueError(f"VQ dkm_iters={self.dkm_iters!r}: expected an int >= 0.")
+
+    @property
+    def name(self) -> str:
+        parts = [self.format.name]
+        if self.rotate:
+            parts.append("rht")
+        if self.group_size:
+            parts.append(f"g{self.group_size}")
+        if self.codebook_groups > 1:
+            parts.append(f"cb{self.codebook_groups}")
+        if self.qat == "dkm":
+            parts.append("dkm")
+        return "_".join(parts)
+
+    def check_shape(self, k: int, n: int) -> None:
+        """Raises ValueError when a ``[k, n]`` weight view cannot take this recipe."""
+        d = self.format.vector_dim
+        if k % d:
+            raise ValueError(
+                f"VQ {self.name}: the contracted size K={k} is not a multiple of the format's "
+                f"vector_dim={d}."
+            )
+        if self.group_size is not None and k % self.group_size:
+            raise ValueError(f"VQ {self.name}: group_size={self.group_size} does not divide K={k}.")
+        if n % self.codebook_groups:
+            raise ValueError(
+                f"VQ {self.name}: codebook_groups={self.codebook_groups} does not divide the "
+                f"{n} output columns."
+            )
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def stored_bits_per_weight(fmt: VectorFormat) -> float:
+    """Bits per weight of the stored codes (``code_bits`` or ``8 * code_bytes``, over d)."""
+    return (fmt.code_bits or 8 * fmt.code_bytes) / fmt.vector_dim
+
+
+def gaussian_code_mse(fmt: VectorFormat, num: int = 2**16, seed: int = 0) -> float:
+    """MSE of encode-then-decode on ``num`` N(0, 1) samples in unit space (scale 1)."""
+    d = fmt.vector_dim
+    m = max(1, num // d)
+    x = jnp.asarray(np.random.default_rng(seed).standard_normal((m, d)), jnp.float32)
+    codebook = fmt.fit(x, None, jax.random.key(seed)) if fmt.learned else None
+    y = fmt.decode(fmt.encode(x, codebook), codebook)
+    return float(jnp.mean((x - y) ** 2)) if math.prod(x.shape) else 0.0

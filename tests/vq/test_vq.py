@@ -1,0 +1,248 @@
+"""k-means codebooks, VQArray, vq_matmul, rotations, and VQ rules on a model."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jaxquant import vq
+from jaxquant.models import Llama, LlamaConfig
+from jaxquant.nn import QuantConfig, QuantRule, TensorQuant, freeze, kernels, serving_params
+from jaxquant.vq import VQ, KMeans, rotation
+from jaxquant.vq import vqarray as vqarray_lib
+
+
+def _np_distortion(x, codebook, w=None):
+    w = np.ones_like(x) if w is None else w
+    d = np.sum(w[:, None, :] * (x[:, None, :] - codebook[None]) ** 2, axis=2)
+    return d.min(axis=1).sum() / x.size, d.argmin(axis=1)
+
+
+def test_assign_is_the_weighted_nearest_codeword_by_brute_force():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((333, 3)).astype(np.float32)
+    cb = rng.standard_normal((17, 3)).astype(np.float32)
+    w = rng.uniform(0.1, 2.0, (333, 3)).astype(np.float32)
+    for weights in (None, w):
+        _, want = _np_distortion(x.astype(np.float64), cb, weights)
+        got = np.asarray(vq.assign(x, cb, weights=weights))
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("d, c", [(1, 4), (2, 16), (3, 37), (8, 300)])
+def test_lloyd_never_raises_the_distortion(d, c):
+    rng = np.random.default_rng(d)
+    x = jnp.asarray(rng.standard_normal((2000, d)), jnp.float32)
+    w = jnp.asarray(rng.uniform(0.2, 1.0, (2000, d)), jnp.float32)
+    prev = np.inf
+    for iters in (0, 1, 2, 5, 10):
+        cb = vq.kmeans(x, c, weights=w, iters=iters, key=jax.random.key(3))
+        assert cb.shape == (c, d)
+        dist, _ = _np_distortion(np.asarray(x, np.float64), np.asarray(cb, np.float64), w)
+        assert dist <= prev * (1 + 1e-5)
+        prev = dist
+
+
+def test_kmeans_plus_plus_seeding_beats_random_seeding_and_hits_the_lloyd_max_mse():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((20000, 1)), jnp.float32)
+    # 4-level Lloyd-Max quantizer of N(0, 1): MSE 0.1175.
+    cb = vq.kmeans(x, 4, iters=50)
+    assert float(vq.distortion(x, cb)) == pytest.approx(0.1175, rel=0.02)
+    seeded = float(vq.distortion(x, vq.kmeans(x, 64, iters=0)))
+    rand = np.mean(
+        [float(vq.distortion(x, x[np.random.default_rng(s).choice(20000, 64)])) for s in range(3)]
+    )
+    assert seeded < rand
+    # Seeding in rounds (C > SEED_ROUNDS) still gives distinct centroids.
+    big = vq.kmeans(x.reshape(-1, 2), 600, iters=0)
+    assert len(np.unique(np.asarray(big), axis=0)) == 600
+
+
+def test_kmeans_rejects_bad_arguments():
+    x = jnp.zeros((10, 2))
+    with pytest.raises(ValueError, match="num_clusters"):
+        vq.kmeans(x, 11)
+    with pytest.raises(ValueError, match="num_clusters"):
+        vq.kmeans(x, 0)
+    with pytest.raises(ValueError, match="weights"):
+        vq.kmeans(x, 2, weights=jnp.ones((10, 3)))
+    with pytest.raises(ValueError, match="x"):
+        vq.kmeans(jnp.zeros((10,)), 2)
+    with pytest.raises(ValueError, match="iters"):
+        vq.kmeans(x, 2, iters=-1)
+
+
+def test_rotation_is_orthogonal_and_folds_into_the_activations():
+    k, n = 96, 40  # blocks of 32 and 8
+    key = jax.random.key(0)
+    w = jax.random.normal(key, (k, n))
+    s_in = rotation.unpack_signs(rotation.random_signs(jax.random.key(1), k), k)
+    s_out = rotation.unpack_signs(rotation.random_signs(jax.random.key(2), n), n)
+    wr = rotation.rotate_weight(w, s_in, s_out)
+    np.testing.assert_allclose(rotation.unrotate_weight(wr, s_in, s_out), w, atol=1e-5)
+    np.testing.assert_allclose(jnp.sum(wr**2), jnp.sum(w**2), rtol=1e-5)
+    x = jax.random.normal(jax.random.key(3), (5, k))
+    y = rotation.rotate_output(rotation.rotate_input(x, s_in) @ wr, s_out)
+    np.testing.assert_allclose(y, x @ w, atol=1e-4)
+    # The rotated Hessian keeps tr(ΔᵀHΔ).
+    a = jax.random.normal(jax.random.key(4), (k, k))
+    h = a @ a.T
+    d = jax.random.normal(jax.random.key(5), (k, n))
+    dr = rotation.rotate_weight(d, s_in, s_out)
+    hr = rotation.rotate_hessian(h, s_in)
+    np.testing.assert_allclose(jnp.sum(dr * (hr @ dr)), jnp.sum(d * (h @ d)), rtol=1e-4)
+    bits = jnp.asarray(np.random.default_rng(0).integers(0, 2, 13), bool)
+    np.testing.assert_array_equal(
+        rotation.unpack_signs(rotation.pack_signs(bits), 13), np.where(bits, -1.0, 1.0)
+    )
+    assert rotation.hadamard_block(192) == 64 and rotation.hadamard_block(7) == 1
+
+
+RECIPES = {
+    "kmeans_d4_b8": VQ(format=KMeans(4, 8)),
+    "kmeans_d2_b4_g32": VQ(format=KMeans(2, 4), group_size=32),
+    "kmeans_d1_b3_rht": VQ(format=KMeans(1, 3), rotate=True),
+    "kmeans_d4_b9_cb2": VQ(format=KMeans(4, 9, iters=3), codebook_groups=2),
+}
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_vqarray_dequantizes_by_its_equation_and_vq_matmul_matches(name):
+    recipe = RECIPES[name]
+    k, n = 256, 24
+    w = jax.random.normal(jax.random.key(0), (k, 4, n // 4)) * 0.1
+    q = vq.quantize_vq(w, recipe)
+    fmt = recipe.format
+    d = fmt.vector_dim
+    # The equation, in numpy: w' = codebook[idx] * scale, then the rotation.
+    words = np.asarray(q.code_words(), np.int64)
+    idx = words[..., 0] + (256 * words[..., 1] if words.shape[-1] > 1 else 0)  # [K/d, N]
+    cols = n // recipe.codebook_groups
+    cb = np.asarray(q.codebook)
+    v = np.stack([cb[c // cols][idx[:, c]] for c in range(n)], axis=1)  # [K/d, N, d]
+    wr = v.transpose(0, 2, 1).reshape(k, n)
+    g = recipe.group_size or k
+    wr = wr * np.repeat(np.asarray(q.scale), g, axis=0)
+    if recipe.rotate:
+        wr = np.asarray(rotation.unrotate_weight(jnp.asarray(wr), *q.signs()))
+    np.testing.assert_allclose(q.dequantize().reshape(k, n), wr, rtol=1e-5, atol=1e-6)
+    assert q.shape == w.shape and q.dequantize().dtype == w.dtype
+    # bits/weight counts codes, scales, codebook and signs.
+    bits = fmt.code_bits or 8 * fmt.code_bytes
+    expect = (k // d) * n * bits / 8
+    if fmt.code_bits:
+        expect = (k // d) * -(-n * bits // 8)
+    expect += q.scale.size * 4 + q.codebook.size * 4
+    if recipe.rotate:
+        expect += rotation.signs_nbytes(k, n)
+    assert q.nbytes == expect
+    # Quantization helps: relative error well below 1.
+    err = float(jnp.sum((q.dequantize() - w) ** 2) / jnp.sum(w**2))
+    assert err < 0.35
+    x = jax.random.normal(jax.random.key(1), (3, 5, k))
+    want = jnp.einsum("abk,kn->abn", x, q.dequantize().reshape(k, n)).reshape(3, 5, 4, n // 4)
+    np.testing.assert_allclose(vq.vq_matmul(x, q), want, rtol=2e-4, atol=2e-4)
+    if fmt.vector_dim >= 2 and fmt.index_bits >= 4:
+        got = vq.vq_matmul(x, q, interpret=True)  # the Pallas kernel in interpret mode
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+def test_refit_scale_never_raises_the_error():
+    w = jax.random.normal(jax.random.key(0), (128, 64)) * jnp.linspace(0.1, 2.0, 64)
+    for fmt in (KMeans(2, 4), KMeans(4, 8)):
+        a = vq.quantize_vq(w, VQ(format=fmt, refit_scale=False)).dequantize()
+        b = vq.quantize_vq(w, VQ(format=fmt)).dequantize()
+        assert jnp.sum((b - w) ** 2) <= jnp.sum((a - w) ** 2) * (1 + 1e-6)
+
+
+def test_importance_weighting_lowers_the_weighted_error():
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((256, 32)), jnp.float32)
+    h = jnp.asarray(np.exp(rng.standard_normal(256) * 1.5), jnp.float32)
+    recipe = VQ(format=KMeans(2, 6))
+
+    def weighted(q):
+        return float(jnp.sum(h[:, None] * (q.dequantize() - w) ** 2))
+
+    assert weighted(vq.quantize_vq(w, recipe, importance=h)) < weighted(vq.quantize_vq(w, recipe))
+
+
+def test_vq_recipes_and_quantize_vq_reject_bad_arguments():
+    with pytest.raises(ValueError, match="vector_dim"):
+        KMeans(9, 8)
+    with pytest.raises(ValueError, match="index_bits"):
+        KMeans(4, 17)
+    with pytest.raises(ValueError, match="group_size"):
+        VQ(format=KMeans(4, 8), group_size=6)
+    with pytest.raises(ValueError, match="qat"):
+        VQ(format=KMeans(4, 8), qat="lsq")
+    with pytest.raises(TypeError, match="VectorFormat"):
+        VQ(format="kmeans")
+    w = jnp.ones((30, 8))
+    with pytest.raises(ValueError, match="vector_dim"):
+        vq.quantize_vq(w, VQ(format=KMeans(4, 4)))
+    with pytest.raises(ValueError, match="codebook_groups"):
+        vq.quantize_vq(jnp.ones((32, 9)), VQ(format=KMeans(4, 2), codebook_groups=2))
+    with pytest.raises(ValueError, match="codewords"):
+        vq.quantize_vq(jnp.ones((32, 8)), VQ(format=KMeans(4, 8)))
+    with pytest.raises(ValueError, match="importance"):
+        vq.quantize_vq(jnp.ones((32, 8)), VQ(format=KMeans(4, 2)), importance=jnp.ones(8))
+    with pytest.raises(ValueError, match="w"):
+        vq.quantize_vq(jnp.ones((32,)), VQ(format=KMeans(4, 2)))
+    with pytest.raises(ValueError, match="VQ recipes quantize weights"):
+        QuantRule(".*", act=VQ(format=KMeans(4, 2)))
+    with pytest.raises(ValueError, match="scaling"):
+        TensorQuant(format=VQ(format=KMeans(4, 2)), lsq=True)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    cfg = LlamaConfig(
+        vocab_size=32, embed_dim=64, num_layers=1, num_heads=4, num_kv_heads=2, mlp_dim=128
+    )
+    model = Llama(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 32)
+    params = nn.unbox(model.init(jax.random.key(1), tokens)["params"])
+    return model, params, tokens
+
+
+def _dequantized(params, quant):
+    flat = traverse_util.flatten_dict(params, sep="/")
+    for path, q in traverse_util.flatten_dict(
+        quant, sep="/", is_leaf=lambda _, x: isinstance(x, vq.VQArray)
+    ).items():
+        flat[path] = q.dequantize(jnp.float32).reshape(flat[path].shape)
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+@pytest.mark.parametrize("recipe", [RECIPES["kmeans_d4_b8"], VQ(format=KMeans(2, 4), rotate=True)])
+def test_served_vq_model_goes_through_codebook_matmul_and_equals_dequantized(
+    llama, recipe, monkeypatch
+):
+    model, params, tokens = llama
+    rules = (QuantRule(".*", weight=recipe),)
+    quant, report = freeze(model, params, tokens, rules=rules)
+    assert len(report.layers) == 7 and all(r.format == recipe.name for r in report.layers)
+    calls = []
+    real = vqarray_lib.codebook_matmul
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["vector_dim"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vqarray_lib, "codebook_matmul", spy)
+    served = model.clone(quant=QuantConfig(mode="serve", rules=rules))
+    variables = {"params": serving_params(params, quant), "quant": quant}
+    with kernels.kernel_options(interpret=True):
+        got = jax.jit(served.apply)(variables, tokens)
+    want = model.apply({"params": _dequantized(params, quant)}, tokens)
+    assert calls == [recipe.format.vector_dim] * 7
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # QAT with the straight-through VQ gives the same forward values as the frozen weights,
+    # and gradients flow to every float weight.
+    qat = model.clone(quant=QuantConfig(mode="qat", rules=rules))
+    np.testing.assert_allclose(qat.apply({"params": params}, tokens), want, rtol=1e-4, atol=1e-4)
+    grads = jax.grad(lambda p: jnp.sum(qat.apply({"params": p}, tokens) ** 2))(params)
+    assert all(float(jnp.sum(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
