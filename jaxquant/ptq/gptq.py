@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxquant.numerics import Preset, QArray
+from jaxquant.numerics import Preset, QArray, QuantizedTensor
 from jaxquant.numerics import calibration as calibration_lib
 from jaxquant.numerics import formats as formats_lib
 from jaxquant.numerics import scaling as scaling_lib
@@ -84,7 +84,8 @@ def rtn(w, fmt, *, group_size: int | None | str = "preset", calibration="absmax"
 def layer_error(w, q, hessian) -> jax.Array:
     """``tr((w − ŵ)ᵀ H (w − ŵ)) / tr(wᵀ H w)``: the layer's relative output error."""
     w, h = _check_layer(w, hessian)
-    w_hat = q.dequantize(jnp.float32) if isinstance(q, QArray) else jnp.asarray(q, jnp.float32)
+    quantized = isinstance(q, QuantizedTensor)
+    w_hat = q.dequantize(jnp.float32) if quantized else jnp.asarray(q, jnp.float32)
     d = w.astype(jnp.float32) - w_hat
     w = w.astype(jnp.float32)
     return jnp.sum(d * (h @ d)) / jnp.sum(w * (h @ w))

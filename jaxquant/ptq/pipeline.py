@@ -40,9 +40,11 @@ from jaxquant.nn.rules import layer_path
 from jaxquant.numerics import Preset, QArray
 from jaxquant.numerics.qarray import is_qarray
 from jaxquant.ptq.gptq import gptq, layer_error
+from jaxquant.ptq.havq import havq
+from jaxquant.vq import VQArray
 from pallas_kernels import packing
 
-METHODS = ("gptq", "rtn")
+METHODS = ("gptq", "vq", "rtn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +58,7 @@ class LayerResult:
 
     path: str  # the weight's path in params, e.g. 'layers_0/attn/query/kernel'
     stage: str  # 'prologue', a block path, or 'epilogue'
-    method: str  # 'gptq', or 'rtn' (with the reason when GPTQ was asked for)
+    method: str  # 'gptq', 'havq' (VQ recipes), or 'rtn' (with the reason when GPTQ was asked for)
     format: str
     shape: tuple[int, ...]
     error: float
@@ -229,7 +231,10 @@ def quantize_model(
       calibration_batches: model inputs, each an array or a tuple of positional arguments to
         ``model.apply`` (e.g. int32 ``[batch, seq]`` tokens). Read into a list once.
       rules: ``QuantRule``s, as for ``freeze`` (the first match wins).
-      method: ``'gptq'`` or ``'rtn'`` (round to nearest: ``freeze``, no calibration needed).
+      method: ``'gptq'`` or ``'vq'`` (the same layer-sequential pass: weights whose rule is a
+        ``jaxquant.vq.VQ`` recipe get Hessian-aware VQ, ``havq``, the others GPTQ), or
+        ``'rtn'`` (round to nearest: ``freeze``, no calibration needed; VQ recipes encode each
+        vector to its nearest codeword).
       blocks: regex (full match) of the block paths, e.g. ``r'layers_\\d+'``; without a match
         the whole model is one stage (Hessians from the float model).
       block_size, damp: passed to ``gptq``.
@@ -375,8 +380,29 @@ def quantize_model(
             if progress is not None:
                 progress(len(results), total, result)
     quant = traverse_util.unflatten_dict(quant_flat, sep="/")
-    report = PTQReport("gptq", tuple(results), freeze_report, time.perf_counter() - start_time)
+    report = PTQReport(method, tuple(results), freeze_report, time.perf_counter() - start_time)
     return (quant, report) if return_report else quant
+
+
+def _havq_weight(w, q_rtn: VQArray, hessian, path: str, damp: float):
+    """(method, VQArray, error, rtn error) by Hessian-aware VQ of the weight's matrix view."""
+    k, n = q_rtn.matrix_shape
+    if hessian.shape != (k, k):
+        raise ValueError(
+            f"quantize_model: the Hessian of {path} is {hessian.shape}, but the weight's "
+            f"contracted size is {k} (its view {q_rtn.shape})."
+        )
+    w2 = w.astype(jnp.float32).reshape(k, n)
+    q2 = havq(w2, hessian, q_rtn.recipe, damp=damp)
+    q = q2.replace(shape=tuple(q_rtn.shape), dtype=q_rtn.dtype)
+    err, err_rtn = _vq_errors(w2, q2, q_rtn, hessian)
+    return "havq", q, float(err), float(err_rtn)
+
+
+@jax.jit
+def _vq_errors(w2, q2, q_rtn, hessian):
+    rtn = q_rtn.dequantize(jnp.float32).reshape(w2.shape)
+    return layer_error(w2, q2, hessian), layer_error(w2, rtn, hessian)
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "dtype"))
@@ -411,6 +437,8 @@ def _quantize_weight(w, q_rtn: QArray, hessian, rule: QuantRule, path: str, **gp
     """(method, QArray, error, rtn error) of one weight given its stage's Hessian."""
     if hessian is None:
         return "rtn (no Hessian)", q_rtn, math.nan, math.nan
+    if isinstance(q_rtn, VQArray):
+        return _havq_weight(w, q_rtn, hessian, path, gptq_kwargs["damp"])
     reason = _gptq_unsupported(q_rtn)
     scaling = q_rtn.scaling
     axis = scaling.axis if isinstance(scaling.axis, int) else (scaling.axis or (0,))[0]
