@@ -4,25 +4,29 @@ A ``VQ`` recipe (``formats``) names a ``VectorFormat`` and how scales, codebooks
 randomized Hadamard rotation are shared; ``quantize_vq`` turns a weight into a ``VQArray``
 (``vqarray``), which layers serve through ``vq_matmul`` (``codebook_matmul`` on the codes).
 
-Formats: ``KMeans`` (k-means codebooks, ``kmeans``). Building blocks: ``nearest_d8`` /
+Formats: ``KMeans`` (k-means codebooks, ``kmeans``), ``E8P`` (QuIP#'s E8 lattice codebook
+and residual stages, ``e8p``). Building blocks: ``nearest_d8`` /
 ``nearest_e8`` (``lattice``), ``rotation`` (RHT incoherence).
 """
 
-from jaxquant.vq import rotation
-from jaxquant.vq.formats import VQ, KMeans, VectorFormat, gaussian_code_mse
+from jaxquant.vq import e8p, rotation
+from jaxquant.vq.formats import E8P, VQ, KMeans, VectorFormat, gaussian_code_mse, get_vq
 from jaxquant.vq.kmeans import assign, distortion, kmeans
 from jaxquant.vq.lattice import nearest_d8, nearest_e8
 from jaxquant.vq.vqarray import VQArray, fake_quant_vq, quantize_vq, vq_matmul
 
 __all__ = [
+    "E8P",
     "VQ",
     "KMeans",
     "VQArray",
     "VectorFormat",
     "assign",
     "distortion",
+    "e8p",
     "fake_quant_vq",
     "gaussian_code_mse",
+    "get_vq",
     "kmeans",
     "nearest_d8",
     "nearest_e8",

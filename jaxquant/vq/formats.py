@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant.vq import e8p as e8p_lib
 from jaxquant.vq import kmeans as kmeans_lib
 
 QAT_MODES = ("ste", "dkm")
@@ -200,6 +201,63 @@ class KMeans(VectorFormat):
         return [(self.index_bits, idx, jnp.asarray(codebook, jnp.float32))]
 
 
+@dataclasses.dataclass(frozen=True)
+class E8P(VectorFormat):
+    """QuIP#'s E8P lattice codebook: 8-vectors of ``E8 + ¼`` from a 16-bit index (2 bits per
+    weight), decoded arithmetically (no stored codebook); ``bits=3`` adds a residual stage of
+    the 256 smallest E8 points (8-bit index), ``bits=4`` a second E8P stage (``e8p``).
+    Meant for rotated (``VQ(rotate=True)``), hence Gaussian-like, weights.
+
+    References: Tseng et al., "QuIP#", arXiv:2402.04396, Sec. 4 and Appendix (RVQ).
+    """
+
+    bits: int = 2
+    vector_dim: int = dataclasses.field(default=8, init=False)
+
+    def __post_init__(self):
+        if self.bits not in (2, 3, 4):
+            raise ValueError(f"E8P bits={self.bits!r}: expected 2, 3 or 4.")
+
+    @property
+    def name(self) -> str:
+        return f"e8p{self.bits}"
+
+    @property
+    def _widths(self) -> tuple[int, ...]:
+        return {2: (2,), 3: (2, 1), 4: (2, 2)}[self.bits]
+
+    @property
+    def code_bytes(self) -> int:
+        return sum(self._widths)
+
+    @property
+    def code_bits_per_weight(self) -> float:
+        return float(self.bits)
+
+    @property
+    def unit_scale(self) -> float:
+        return e8p_lib.residual_gaussian_scale(self.bits)
+
+    def encode(self, x, codebook, weights=None):
+        del codebook, weights  # a fixed codebook; the search is the plain nearest point
+        return words_to_bytes(e8p_lib.residual_encode(x, self.bits), self._widths)
+
+    def decode(self, codes, codebook):
+        del codebook
+        words = bytes_to_words(codes, self._widths)
+        return e8p_lib.residual_decode(words.astype(jnp.uint16), self.bits)
+
+    def lookup(self, codes, codebook):
+        del codebook
+        words = bytes_to_words(codes, self._widths)
+        out = []
+        for s, table in enumerate(e8p_lib.residual_codebooks(self.bits)):
+            bits = int(np.log2(table.shape[0]))
+            idx = words[:, s].astype(jnp.uint8 if bits <= 8 else jnp.uint16)
+            out.append((bits, idx, jnp.asarray(table, jnp.float32)))
+        return out
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VQ:
     """A vector-quantization recipe for a weight, accepted wherever rules take a format.
@@ -303,10 +361,70 @@ def stored_bits_per_weight(fmt: VectorFormat) -> float:
 
 
 def gaussian_code_mse(fmt: VectorFormat, num: int = 2**16, seed: int = 0) -> float:
-    """MSE of encode-then-decode on ``num`` N(0, 1) samples in unit space (scale 1)."""
+    """MSE of ``s · decode(encode(x / s))`` on ``num`` N(0, 1) samples, ``s = unit_scale``
+    (a learned format fits its codebook to the same samples)."""
     d = fmt.vector_dim
     m = max(1, num // d)
     x = jnp.asarray(np.random.default_rng(seed).standard_normal((m, d)), jnp.float32)
-    codebook = fmt.fit(x, None, jax.random.key(seed)) if fmt.learned else None
-    y = fmt.decode(fmt.encode(x, codebook), codebook)
+    s = fmt.unit_scale
+    codebook = fmt.fit(x / s, None, jax.random.key(seed)) if fmt.learned else None
+    y = s * fmt.decode(fmt.encode(x / s, codebook), codebook)
     return float(jnp.mean((x - y) ** 2)) if math.prod(x.shape) else 0.0
+
+
+_SUFFIX_HELP = "suffixes: _rht (rotate), _g<N> (group_size), _cb<G> (codebook_groups), _dkm"
+
+
+def _base_format(base: str) -> VectorFormat | None:
+    """The format a base name stands for (``kmeans_d4_b8``, ...), or None."""
+    import re
+
+    m = re.fullmatch(r"kmeans_d(\d+)_b(\d+)", base)
+    if m:
+        return KMeans(int(m.group(1)), int(m.group(2)))
+    m = re.fullmatch(r"e8p(\d)", base)
+    if m:
+        return E8P(int(m.group(1)))
+    for parse in _PARSERS:
+        fmt = parse(base)
+        if fmt is not None:
+            return fmt
+    return None
+
+
+# Other modules' formats register a ``parse(base) -> VectorFormat | None`` here.
+_PARSERS: list = []
+
+
+def get_vq(name: str) -> VQ:
+    """The ``VQ`` recipe a name stands for: a format name plus optional suffixes.
+
+    Format names: ``kmeans_d<d>_b<bits>`` and those of the other formats (``VQ.name`` of any
+    recipe parses back). Suffixes: ``_rht`` (rotate), ``_g<N>`` (group_size), ``_cb<G>``
+    (codebook_groups), ``_dkm`` (DKM QAT).
+
+    Example:
+      >>> get_vq("kmeans_d4_b8_rht_g64")
+      VQ(format=KMeans(vector_dim=4, index_bits=8, iters=25), group_size=64, ..., rotate=True)
+    """
+    import re
+
+    parts = name.lower().split("_")
+    kwargs = {}
+    while parts:
+        tail = parts[-1]
+        if tail == "rht":
+            kwargs["rotate"] = True
+        elif tail == "dkm":
+            kwargs["qat"] = "dkm"
+        elif re.fullmatch(r"g\d+", tail):
+            kwargs["group_size"] = int(tail[1:])
+        elif re.fullmatch(r"cb\d+", tail):
+            kwargs["codebook_groups"] = int(tail[2:])
+        else:
+            break
+        parts.pop()
+    fmt = _base_format("_".join(parts))
+    if fmt is None:
+        raise ValueError(f"VQ recipe {name!r}: unknown format name ({_SUFFIX_HELP}).")
+    return VQ(format=fmt, **kwargs)

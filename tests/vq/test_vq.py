@@ -10,7 +10,7 @@ from flax import traverse_util
 from jaxquant import vq
 from jaxquant.models import Llama, LlamaConfig
 from jaxquant.nn import QuantConfig, QuantRule, TensorQuant, freeze, kernels, serving_params
-from jaxquant.vq import VQ, KMeans, rotation
+from jaxquant.vq import E8P, VQ, KMeans, e8p, rotation
 from jaxquant.vq import vqarray as vqarray_lib
 
 
@@ -105,7 +105,29 @@ RECIPES = {
     "kmeans_d2_b4_g32": VQ(format=KMeans(2, 4), group_size=32),
     "kmeans_d1_b3_rht": VQ(format=KMeans(1, 3), rotate=True),
     "kmeans_d4_b9_cb2": VQ(format=KMeans(4, 9, iters=3), codebook_groups=2),
+    "e8p2": VQ(format=E8P(2)),
+    "e8p3_rht_g64": VQ(format=E8P(3), rotate=True, group_size=64),
+    "e8p4": VQ(format=E8P(4)),
 }
+
+
+def _np_vectors(q):
+    """[K/d, N, d] float64 from the codes' bytes and numpy tables (the equation, in numpy)."""
+    words = np.asarray(q.code_words(), np.int64)  # [K/d, N, B]
+    fmt, n = q.recipe.format, q.matrix_shape[1]
+    if isinstance(fmt, KMeans):
+        idx = words[..., 0] + (256 * words[..., 1] if words.shape[-1] > 1 else 0)
+        cols = n // q.recipe.codebook_groups
+        cb = np.asarray(q.codebook, np.float64)
+        return np.stack([cb[c // cols][idx[:, c]] for c in range(n)], axis=1)
+    tables = e8p.residual_codebooks(fmt.bits)
+    widths = {2: (2,), 3: (2, 1), 4: (2, 2)}[fmt.bits]
+    out, i = 0.0, 0
+    for table, width in zip(tables, widths, strict=True):
+        idx = words[..., i] + (256 * words[..., i + 1] if width == 2 else 0)
+        out = out + np.asarray(table, np.float64)[idx]
+        i += width
+    return out
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
@@ -116,12 +138,8 @@ def test_vqarray_dequantizes_by_its_equation_and_vq_matmul_matches(name):
     q = vq.quantize_vq(w, recipe)
     fmt = recipe.format
     d = fmt.vector_dim
-    # The equation, in numpy: w' = codebook[idx] * scale, then the rotation.
-    words = np.asarray(q.code_words(), np.int64)
-    idx = words[..., 0] + (256 * words[..., 1] if words.shape[-1] > 1 else 0)  # [K/d, N]
-    cols = n // recipe.codebook_groups
-    cb = np.asarray(q.codebook)
-    v = np.stack([cb[c // cols][idx[:, c]] for c in range(n)], axis=1)  # [K/d, N, d]
+    # The equation, in numpy: w' = Σ_stages table[idx] * scale, then the rotation.
+    v = _np_vectors(q)  # [K/d, N, d]
     wr = v.transpose(0, 2, 1).reshape(k, n)
     g = recipe.group_size or k
     wr = wr * np.repeat(np.asarray(q.scale), g, axis=0)
@@ -134,7 +152,7 @@ def test_vqarray_dequantizes_by_its_equation_and_vq_matmul_matches(name):
     expect = (k // d) * n * bits / 8
     if fmt.code_bits:
         expect = (k // d) * -(-n * bits // 8)
-    expect += q.scale.size * 4 + q.codebook.size * 4
+    expect += q.scale.size * 4 + (0 if q.codebook is None else q.codebook.size * 4)
     if recipe.rotate:
         expect += rotation.signs_nbytes(k, n)
     assert q.nbytes == expect
@@ -144,7 +162,7 @@ def test_vqarray_dequantizes_by_its_equation_and_vq_matmul_matches(name):
     x = jax.random.normal(jax.random.key(1), (3, 5, k))
     want = jnp.einsum("abk,kn->abn", x, q.dequantize().reshape(k, n)).reshape(3, 5, 4, n // 4)
     np.testing.assert_allclose(vq.vq_matmul(x, q), want, rtol=2e-4, atol=2e-4)
-    if fmt.vector_dim >= 2 and fmt.index_bits >= 4:
+    if fmt.vector_dim >= 2 and getattr(fmt, "index_bits", 8) >= 4:
         got = vq.vq_matmul(x, q, interpret=True)  # the Pallas kernel in interpret mode
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
 
