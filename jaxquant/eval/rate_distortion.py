@@ -6,10 +6,14 @@ can reach a mean squared error below the distortion-rate function ``D(R) = 2**(-
 ``½·log2(MSE / D(R))``, is how many bits per weight a format wastes against an ideal code at
 its own distortion: a vector quantizer's target is a gap near 0, scalar formats sit near 1.
 
+Vector quantizers (``jaxquant.vq``: k-means, E8P, Pyramid VQ, trellis) are measured the same
+way, each as a ``VQ`` recipe on the sample viewed as a weight [K, N] = [4096, 256] (one f32
+scale per column; codebooks and scales counted in the bits).
+
 Run:
-  python -m jaxquant.eval.rate_distortion               # the table
+  python -m jaxquant.eval.rate_distortion               # both tables
   python -m jaxquant.eval.rate_distortion --json        # the same rows as JSON
-  python -m jaxquant.eval.rate_distortion --calibration=mse
+  python -m jaxquant.eval.rate_distortion --calibration=mse --novq
 """
 
 from __future__ import annotations
@@ -23,6 +27,21 @@ import numpy as np
 from absl import app, flags, logging
 
 from jaxquant.numerics import PRESETS, Preset, quantize
+from jaxquant.vq import get_vq, quantize_vq
+
+# VQ recipes of the report (``jaxquant.vq.get_vq`` names), about 2, 3 and 4 bits per weight.
+VQ_METHODS = (
+    "kmeans_d1_b2",
+    "kmeans_d2_b4",
+    "kmeans_d4_b8",
+    "kmeans_d1_b3",
+    "kmeans_d2_b6",
+    "kmeans_d1_b4",
+    "kmeans_d2_b8",
+    "e8p2",
+    "e8p3",
+    "e8p4",
+)
 
 # [in, out] like a weight matrix; 2**20 samples.
 SAMPLE_SHAPE = (4096, 256)
@@ -51,16 +70,34 @@ def rate_distortion_rows(
     for preset in PRESETS.values() if presets is None else presets:
         q = quantize(x, preset, calibration=calibration)
         mse = float(jnp.mean(jnp.square(q.dequantize() - x)))
-        bound = shannon_mse(q.bits_per_weight)
-        rows.append(
-            {
-                "format": preset.name,
-                "bits_per_weight": q.bits_per_weight,
-                "mse": mse,
-                "shannon_mse": bound,
-                "gap_bits": 0.5 * math.log2(mse / bound),
-            }
-        )
+        rows.append(_row(preset.name, q.bits_per_weight, mse))
+    return rows
+
+
+def _row(name: str, bits: float, mse: float) -> dict:
+    bound = shannon_mse(bits)
+    return {
+        "format": name,
+        "bits_per_weight": bits,
+        "mse": mse,
+        "shannon_mse": bound,
+        "gap_bits": 0.5 * math.log2(mse / bound),
+    }
+
+
+def vq_rate_distortion_rows(
+    methods: Iterable[str] | None = None,
+    *,
+    seed: int = 0,
+    shape: tuple[int, ...] = SAMPLE_SHAPE,
+) -> list[dict]:
+    """One row per VQ recipe name (default ``VQ_METHODS``), as ``rate_distortion_rows``."""
+    x = gaussian_samples(seed, shape)
+    rows = []
+    for name in VQ_METHODS if methods is None else methods:
+        q = quantize_vq(x, get_vq(name))
+        mse = float(jnp.mean(jnp.square(q.dequantize() - x)))
+        rows.append(_row(name, q.bits_per_weight, mse))
     return rows
 
 
@@ -83,19 +120,24 @@ _CALIBRATION = flags.DEFINE_enum(
     "calibration", "absmax", ["absmax", "mse", "percentile"], "How block ranges are chosen."
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the Gaussian sample.")
+_VQ = flags.DEFINE_bool("vq", True, "Also measure the vector quantizers (VQ_METHODS).")
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # not jax's INFO line about a missing TPU
     rows = rate_distortion_rows(seed=_SEED.value, calibration=_CALIBRATION.value)
+    vq_rows = vq_rate_distortion_rows(seed=_SEED.value) if _VQ.value else []
     if _JSON.value:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + vq_rows, indent=2))
     else:
         n = math.prod(SAMPLE_SHAPE)
         print(f"Rate-distortion on {n} i.i.d. N(0,1) samples {SAMPLE_SHAPE}, ", end="")
         print(f"calibration={_CALIBRATION.value}; D(R) = 2^(-2R), gap = 0.5*log2(MSE/D(R)).\n")
         print(format_table(rows))
+        if vq_rows:
+            print("\nVector quantizers (jaxquant.vq recipes, one f32 scale per column):\n")
+            print(format_table(vq_rows))
 
 
 if __name__ == "__main__":

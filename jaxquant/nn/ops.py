@@ -24,6 +24,7 @@ from jaxquant.nn import kernels
 from jaxquant.nn.rules import QuantConfig, QuantRule, TensorQuant
 from jaxquant.numerics import QuantizedTensor, fake_quant, lsq_init_scale, quantize
 from jaxquant.vq import fake_quant_vq, quantize_vq
+from jaxquant.vq import vqarray as vqa
 
 
 def _need_mutable(module, collection: str, mode: str):
@@ -125,16 +126,29 @@ def _vq_weight(module, name, w, wv, view_contracting, config, recipe, path):
             f"{recipe.name} on {name!r} of {path}: vector quantization needs the weight's "
             f"contracted axes leading (view contracted over axis 0), got axes {view_contracting}."
         )
-    if config.mode == "qat":
-        if recipe.qat == "dkm":
-            from jaxquant.vq import dkm_weight
-
-            return dkm_weight(module, name, wv, recipe).reshape(w.shape)
-        return fake_quant_vq(wv, recipe).reshape(w.shape)
+    if recipe.qat == "dkm":
+        # DKM: unit-space weights (scales from the current weights, no gradient through them)
+        # softly assigned to a learned codebook param, initialized by k-means.
+        w2 = vqa.as_matrix(wv)
+        g = recipe.group_size or w2.shape[0]
+        full = lax.stop_gradient(
+            vqa.expand_scale(vqa.group_rms_scale(w2, recipe), *w2.shape[:1], g)
+        )
+        x2 = w2 / full
+        codebook = module.param(
+            f"{name}_codebook",
+            lambda key: vqa.fit_codebook(
+                lax.stop_gradient(x2), recipe, jax.random.key(recipe.seed)
+            ),
+        )
+        if config.mode == "qat":
+            return (vqa.dkm_fake_quant_matrix(x2, codebook, recipe) * full).reshape(w.shape)
+        codebook = vqa.dkm_final_codebook(x2, codebook, recipe)
+    else:
+        if config.mode == "qat":
+            return fake_quant_vq(wv, recipe).reshape(w.shape)
+        codebook = None
     _need_mutable(module, "quant", "freeze")
-    codebook = None
-    if recipe.qat == "dkm" and module.has_variable("params", f"{name}_codebook"):
-        codebook = module.get_variable("params", f"{name}_codebook")
     q = quantize_vq(wv, recipe, codebook=codebook)
     module.put_variable("quant", name, q)
     return q

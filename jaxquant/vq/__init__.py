@@ -5,11 +5,12 @@ randomized Hadamard rotation are shared; ``quantize_vq`` turns a weight into a `
 (``vqarray``), which layers serve through ``vq_matmul`` (``codebook_matmul`` on the codes).
 
 Formats: ``KMeans`` (k-means codebooks, ``kmeans``), ``E8P`` (QuIP#'s E8 lattice codebook
-and residual stages, ``e8p``). Building blocks: ``nearest_d8`` /
+and residual stages, ``e8p``). QAT: straight-through (``fake_quant_vq``) or differentiable
+k-means (``dkm``, ``VQ(qat='dkm')``). Building blocks: ``nearest_d8`` /
 ``nearest_e8`` (``lattice``), ``rotation`` (RHT incoherence).
 """
 
-from jaxquant.vq import e8p, rotation
+from jaxquant.vq import dkm, e8p, rotation
 from jaxquant.vq.formats import E8P, VQ, KMeans, VectorFormat, gaussian_code_mse, get_vq
 from jaxquant.vq.kmeans import assign, distortion, kmeans
 from jaxquant.vq.lattice import nearest_d8, nearest_e8
@@ -23,6 +24,7 @@ __all__ = [
     "VectorFormat",
     "assign",
     "distortion",
+    "dkm",
     "e8p",
     "fake_quant_vq",
     "gaussian_code_mse",

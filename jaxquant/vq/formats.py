@@ -315,6 +315,8 @@ class VQ:
             raise ValueError(
                 f"VQ qat='dkm' needs a learned codebook (KMeans), not {self.format.name}."
             )
+        if self.qat == "dkm" and self.rotate:
+            raise ValueError("VQ qat='dkm' with rotate=True: DKM trains unrotated weights.")
         if not self.dkm_temperature > 0:
             raise ValueError(f"VQ dkm_temperature={self.dkm_temperature!r}: expected > 0.")
         if isinstance(self.dkm_iters, bool) or not isinstance(self.dkm_iters, int):

@@ -413,3 +413,50 @@ def fake_quant_vq(w: jax.Array, recipe: VQ) -> jax.Array:
     value is ``quantize_vq(w, recipe).dequantize()``."""
     wq = jax.lax.stop_gradient(quantize_vq(jax.lax.stop_gradient(w), recipe).dequantize())
     return wq + (w - jax.lax.stop_gradient(w))
+
+
+def _per_codebook_group(x2: jax.Array, codebook: jax.Array, recipe: VQ, fn) -> list:
+    """``fn(vectors [M_c, d], codebook[c])`` for each codebook group c of the columns."""
+    d = recipe.format.vector_dim
+    v = vectors(x2, d)
+    nv, n, _ = v.shape
+    cols = n // recipe.codebook_groups
+    return [
+        fn(v[:, c * cols : (c + 1) * cols].reshape(-1, d), codebook[c])
+        for c in range(recipe.codebook_groups)
+    ]
+
+
+def dkm_fake_quant_matrix(x2: jax.Array, codebook: jax.Array, recipe: VQ) -> jax.Array:
+    """DKM's soft-quantized unit-space matrix [K, N] (``dkm.dkm_fake_quant`` on its vectors,
+    one codebook [C, d] per codebook group), differentiable in ``x2`` and ``codebook``."""
+    from jaxquant.vq import dkm
+
+    d = recipe.format.vector_dim
+    nv = x2.shape[0] // d
+    parts = _per_codebook_group(
+        x2,
+        codebook,
+        recipe,
+        lambda v, cb: dkm.dkm_fake_quant(
+            v, cb, temperature=recipe.dkm_temperature, iters=recipe.dkm_iters
+        ).reshape(nv, -1, d),
+    )
+    return from_vectors(jnp.concatenate(parts, axis=1))
+
+
+def dkm_final_codebook(x2: jax.Array, codebook: jax.Array, recipe: VQ) -> jax.Array:
+    """[G, C, d]: the codebooks after DKM's soft k-means iterations on ``x2`` (what freeze
+    assigns the vectors to)."""
+    from jaxquant.vq import dkm
+
+    return jnp.stack(
+        _per_codebook_group(
+            x2,
+            codebook,
+            recipe,
+            lambda v, cb: dkm.dkm_codebook(
+                v, cb, temperature=recipe.dkm_temperature, iters=recipe.dkm_iters
+            ),
+        )
+    )

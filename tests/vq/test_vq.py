@@ -264,3 +264,44 @@ def test_served_vq_model_goes_through_codebook_matmul_and_equals_dequantized(
     np.testing.assert_allclose(qat.apply({"params": params}, tokens), want, rtol=1e-4, atol=1e-4)
     grads = jax.grad(lambda p: jnp.sum(qat.apply({"params": p}, tokens) ** 2))(params)
     assert all(float(jnp.sum(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_dkm_qat_learns_a_codebook_param_that_freeze_serves(llama):
+    model, params, tokens = llama
+    recipe = VQ(format=KMeans(2, 4), qat="dkm", dkm_temperature=0.02)
+    rules = (QuantRule("mlp", weight=recipe),)
+    qat = model.clone(quant=QuantConfig(mode="qat", rules=rules))
+    variables = qat.init(jax.random.key(1), tokens)
+    p = nn.unbox(variables["params"])
+    flat = traverse_util.flatten_dict(p, sep="/")
+    books = {k: v for k, v in flat.items() if k.endswith("kernel_codebook")}
+    assert sorted(books) == [f"layers_0/mlp/{n}/kernel_codebook" for n in ("down", "gate", "up")]
+    assert all(v.shape == (1, 16, 2) for v in books.values())
+
+    def loss(p):
+        return jnp.mean(qat.apply({"params": p}, tokens) ** 2)
+
+    grads = traverse_util.flatten_dict(jax.grad(loss)(p), sep="/")
+    for k in books:
+        assert float(jnp.sum(jnp.abs(grads[k]))) > 0  # the codebook learns
+        assert float(jnp.sum(jnp.abs(grads[k.replace("_codebook", "")]))) > 0
+    # Freeze assigns each vector to the nearest codeword of DKM's codebook.
+    quant, _ = freeze(qat, p, tokens, rules=rules)
+    q = quant["layers_0"]["mlp"]["up"]["kernel"]
+    w2 = p["layers_0"]["mlp"]["up"]["kernel"]
+    scale = vqarray_lib.group_rms_scale(w2, recipe)
+    want_cb = vqarray_lib.dkm_final_codebook(
+        w2 / scale, books["layers_0/mlp/up/kernel_codebook"], recipe
+    )
+    np.testing.assert_allclose(q.codebook, want_cb, rtol=1e-6)
+    served = qat.clone(quant=QuantConfig(mode="serve", rules=rules))
+    got = served.apply({"params": serving_params(p, quant), "quant": quant}, tokens)
+    want = model.apply({"params": _dequantized(p, quant)}, tokens)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # Near zero temperature (and without the scale refit) the soft forward is the hard one.
+    cold = VQ(format=KMeans(2, 4), qat="dkm", dkm_temperature=1e-5, refit_scale=False)
+    rules = (QuantRule("mlp", weight=cold),)
+    qat = model.clone(quant=QuantConfig(mode="qat", rules=rules))
+    quant, _ = freeze(qat, p, tokens, rules=rules)
+    want = model.apply({"params": _dequantized(p, quant)}, tokens)
+    np.testing.assert_allclose(qat.apply({"params": p}, tokens), want, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,96 @@
+"""The rate-distortion plot: MSE against bits per weight for every format and VQ method.
+
+  pip install -e '.[bench]'                       # matplotlib
+  python benchmarks/rate_distortion.py --out=docs/rate_distortion.png
+
+Measures every scalar preset and every ``VQ_METHODS`` recipe of
+``jaxquant.eval.rate_distortion`` on its Gaussian sample (2**20 N(0, 1) samples, all overheads
+in the bits), prints the markdown table, writes the rows as JSON next to the PNG, and plots
+them with the Shannon bound D(R) = 2^(-2R) and the 0.15-bit band above it.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from jaxquant.eval import rate_distortion as rd  # noqa: E402
+
+_OUT = flags.DEFINE_string("out", "docs/rate_distortion.png", "Where to write the PNG.")
+_METHODS = flags.DEFINE_list("methods", None, "VQ recipes (default: rd.VQ_METHODS).")
+
+
+def _family(name: str) -> str:
+    for prefix in ("kmeans", "e8p", "pvq", "trellis"):
+        if name.startswith(prefix):
+            return prefix
+    return "scalar"
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit(
+            "benchmarks/rate_distortion.py needs matplotlib: pip install -e '.[bench]'"
+        ) from None
+    rows = rd.rate_distortion_rows() + rd.vq_rate_distortion_rows(_METHODS.value)
+    print(rd.format_table(rows))
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(os.path.splitext(_OUT.value)[0] + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    r = np.linspace(1.5, 9.5, 200)
+    ax.semilogy(r, rd.shannon_mse(1.0) ** r, "k-", lw=1.5, label="Shannon bound D(R) = 2^(-2R)")
+    ax.semilogy(r, 2 ** (-2 * (r - 0.15)), "k:", lw=1, label="D(R - 0.15 bit)")
+    styles = {
+        "scalar": ("o", "tab:gray"),
+        "kmeans": ("s", "tab:blue"),
+        "e8p": ("D", "tab:red"),
+        "pvq": ("^", "tab:green"),
+        "trellis": ("*", "tab:purple"),
+    }
+    for family, (marker, color) in styles.items():
+        sel = [row for row in rows if _family(row["format"]) == family]
+        if not sel:
+            continue
+        ax.semilogy(
+            [row["bits_per_weight"] for row in sel],
+            [row["mse"] for row in sel],
+            marker,
+            color=color,
+            ls="none",
+            ms=8 if family == "trellis" else 6,
+            label={"scalar": "scalar presets"}.get(family, family),
+        )
+        for row in sel:
+            if family != "scalar" or row["bits_per_weight"] < 5:
+                ax.annotate(
+                    row["format"],
+                    (row["bits_per_weight"], row["mse"]),
+                    fontsize=6,
+                    xytext=(4, 2),
+                    textcoords="offset points",
+                )
+    ax.set_xlabel("bits per weight (every scale, codebook and sign counted)")
+    ax.set_ylabel("MSE on N(0, 1) samples")
+    ax.set_xlim(1.5, 9.5)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("jaxquant rate-distortion on 2^20 Gaussian samples")
+    fig.tight_layout()
+    fig.savefig(_OUT.value, dpi=120)
+    print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)
