@@ -41,6 +41,9 @@ VQ_METHODS = (
     "e8p2",
     "e8p3",
     "e8p4",
+    "pvq_n8_k6_b1",
+    "pvq_n8_k13_b2",
+    "pvq_n8_k24_b4",
 )
 
 # [in, out] like a weight matrix; 2**20 samples.

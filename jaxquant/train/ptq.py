@@ -17,6 +17,7 @@ Config fields (``config.ptq``):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -29,7 +30,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxquant import numerics
+from jaxquant import numerics, vq
 from jaxquant.data import BatchIterator
 from jaxquant.nn import QuantRule, freeze
 from jaxquant.ptq import LayerResult, quantize_model
@@ -45,8 +46,17 @@ def ptq_rules(fmt: str, group_size: int = 0) -> tuple[QuantRule, ...]:
 
     ``fmt`` is a preset name (``'int4_g128'``, ``'mxfp4'``), or one with a group suffix
     ``'<preset>_g<N>'`` (``'int4_g64'``: INT4 in groups of 64 inputs; ``'int3_g64'``:
-    INT3_G128 regrouped).
+    INT3_G128 regrouped), or a vector-quantization recipe (``jaxquant.vq.get_vq`` names:
+    ``'e8p2_rht'``, ``'kmeans_d2_b6'``; GPTQ then means Hessian-aware VQ).
     """
+    try:
+        recipe = vq.get_vq(fmt)
+    except ValueError:
+        recipe = None
+    if recipe is not None:
+        if group_size:
+            recipe = dataclasses.replace(recipe, group_size=group_size)
+        return (QuantRule(".*", weight=recipe),)
     try:
         preset = numerics.get_preset(fmt)
     except ValueError:
@@ -165,7 +175,8 @@ def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
                 return_report=True,
             )
             seconds = time.perf_counter() - t0
-            name = f"{method}_{fmt}"
+            is_vq = isinstance(rules[0].weight.format, vq.VQ)
+            name = f"{'havq' if is_vq and method == 'gptq' else method}_{fmt}"
             reports[name] = report
             results.append(evaluator.evaluate_quantized(params, quant, rules, report, name=name))
             meta = {
@@ -178,7 +189,7 @@ def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
             }
             if lead:
                 save_quant(os.path.join(os.fspath(workdir), "ptq", name), quant, meta)
-            if method == "gptq":
+            if method == "gptq" and report.layers:
                 ratios = [r.error / r.rtn_error for r in report.layers if r.rtn_error > 0]
                 worst = max(report.layers, key=lambda r: r.error / max(r.rtn_error, 1e-30))
                 summaries.append(

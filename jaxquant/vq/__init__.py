@@ -5,13 +5,14 @@ randomized Hadamard rotation are shared; ``quantize_vq`` turns a weight into a `
 (``vqarray``), which layers serve through ``vq_matmul`` (``codebook_matmul`` on the codes).
 
 Formats: ``KMeans`` (k-means codebooks, ``kmeans``), ``E8P`` (QuIP#'s E8 lattice codebook
-and residual stages, ``e8p``). QAT: straight-through (``fake_quant_vq``) or differentiable
+and residual stages, ``e8p``), ``PyramidVQ`` (Fischer-enumerated pyramid codes with
+a quantized gain, ``pyramid``). QAT: straight-through (``fake_quant_vq``) or differentiable
 k-means (``dkm``, ``VQ(qat='dkm')``). Building blocks: ``nearest_d8`` /
 ``nearest_e8`` (``lattice``), ``rotation`` (RHT incoherence).
 """
 
-from jaxquant.vq import dkm, e8p, rotation
-from jaxquant.vq.formats import E8P, VQ, KMeans, VectorFormat, gaussian_code_mse, get_vq
+from jaxquant.vq import dkm, e8p, pyramid, rotation
+from jaxquant.vq.formats import E8P, VQ, KMeans, PyramidVQ, VectorFormat, gaussian_code_mse, get_vq
 from jaxquant.vq.kmeans import assign, distortion, kmeans
 from jaxquant.vq.lattice import nearest_d8, nearest_e8
 from jaxquant.vq.vqarray import VQArray, fake_quant_vq, quantize_vq, vq_matmul
@@ -20,6 +21,7 @@ __all__ = [
     "E8P",
     "VQ",
     "KMeans",
+    "PyramidVQ",
     "VQArray",
     "VectorFormat",
     "assign",
@@ -32,6 +34,7 @@ __all__ = [
     "kmeans",
     "nearest_d8",
     "nearest_e8",
+    "pyramid",
     "quantize_vq",
     "rotation",
     "vq_matmul",

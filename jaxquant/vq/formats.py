@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
 
 import jax
@@ -33,6 +34,7 @@ import numpy as np
 
 from jaxquant.vq import e8p as e8p_lib
 from jaxquant.vq import kmeans as kmeans_lib
+from jaxquant.vq import pyramid as pyramid_lib
 
 QAT_MODES = ("ste", "dkm")
 
@@ -258,6 +260,112 @@ class E8P(VectorFormat):
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class PyramidVQ(VectorFormat):
+    """Pyramid VQ: the direction of an n-vector as a point of ``P(n, K)`` (integers with L1 norm
+    K, indexed by Fischer's enumeration, no stored codebook) and its gain on a
+    ``2**gain_bits``-level Lloyd–Max codebook; one code ``gain_code · V(n, K) + index`` of
+    ``ceil(log2(V · 2**gain_bits))`` bits, stored in whole bytes. The search is exact (and
+    Hessian-weighted when the caller gives weights); ``code_bits_per_weight`` is the exact rate
+    ``(log2 V + gain_bits) / n``. Served by table lookup when the code has at most 16 bits.
+
+    References: van der Ouderaa et al., "Pyramid Vector Quantization for LLMs",
+    arXiv:2410.16926; Fischer, "A pyramid vector quantizer", IEEE Trans. IT 32(4), 1986.
+    """
+
+    vector_dim: int
+    pulses: int
+    gain_bits: int = 1
+
+    def __post_init__(self):
+        self.check_dims()
+        for field, lo in (("pulses", 1), ("gain_bits", 0)):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"PyramidVQ {field}={v!r}: expected an int >= {lo}.")
+        if self.gain_bits > 8:
+            raise ValueError(f"PyramidVQ gain_bits={self.gain_bits}: expected at most 8.")
+        if self.num_codes > 2**32:
+            raise ValueError(
+                f"PyramidVQ({self.vector_dim}, {self.pulses}, {self.gain_bits}): "
+                f"V·2**gain_bits = {self.num_codes} codes do not fit a 32-bit code."
+            )
+
+    @property
+    def name(self) -> str:
+        return f"pvq_n{self.vector_dim}_k{self.pulses}_b{self.gain_bits}"
+
+    @property
+    def num_shapes(self) -> int:
+        return pyramid_lib.pvq_count(self.vector_dim, self.pulses)
+
+    @property
+    def num_codes(self) -> int:
+        return self.num_shapes * 2**self.gain_bits
+
+    @property
+    def index_bits(self) -> int:
+        return max(1, math.ceil(math.log2(self.num_codes)))
+
+    @property
+    def code_bytes(self) -> int:
+        return -(-self.index_bits // 8)
+
+    @property
+    def code_bits_per_weight(self) -> float:
+        return pyramid_lib.bits_per_weight(self.vector_dim, self.pulses, self.gain_bits)
+
+    def encode(self, x, codebook, weights=None):
+        del codebook
+        n, k, gb = self.vector_dim, self.pulses, self.gain_bits
+        x = x.astype(jnp.float32)
+        levels = jnp.asarray(pyramid_lib.gain_codebook(n, k, gb))
+        if weights is None:
+            idx, gain = pyramid_lib.pvq_quantize(x, k, gb)
+        else:
+            wt = jnp.maximum(weights.astype(jnp.float32), 1e-12)
+            y = pyramid_lib.pvq_nearest_weighted(x, k, wt).astype(jnp.float32)
+            u = y / jnp.linalg.norm(y, axis=-1, keepdims=True)
+            g = jnp.sum(wt * x * u, axis=-1) / jnp.sum(wt * u * u, axis=-1)  # weighted best
+            idx, gain = pyramid_lib.pvq_encode(y.astype(jnp.int32), k), None
+            gain = pyramid_lib.quantize_gain(g, levels)
+        word = gain.astype(jnp.uint32) * jnp.uint32(self.num_shapes) + idx.astype(jnp.uint32)
+        return words_to_bytes(word[:, None], (self.code_bytes,))
+
+    def _split(self, codes):
+        word = bytes_to_words(codes, (self.code_bytes,))[:, 0]
+        v = jnp.uint32(self.num_shapes)
+        return word % v, (word // v).astype(jnp.uint8)
+
+    def decode(self, codes, codebook):
+        del codebook
+        idx, gain = self._split(codes)
+        n, k, gb = self.vector_dim, self.pulses, self.gain_bits
+        return pyramid_lib.pvq_dequantize(idx, gain, n, k, gb)
+
+    def lookup(self, codes, codebook):
+        del codebook
+        if not 2 <= self.vector_dim <= 8 or self.index_bits > 16:
+            return None
+        bits = max(4, self.index_bits)
+        word = bytes_to_words(codes, (self.code_bytes,))[:, 0]
+        table = _pvq_table(self.vector_dim, self.pulses, self.gain_bits, bits)
+        return [(bits, word.astype(jnp.uint8 if bits <= 8 else jnp.uint16), jnp.asarray(table))]
+
+
+@functools.cache
+def _pvq_table(n: int, k: int, gain_bits: int, bits: int) -> np.ndarray:
+    """f32 [2**bits, n]: the vector of every code ``gain · V + index`` (zero rows past the end)."""
+    v = pyramid_lib.pvq_count(n, k)
+    codes = np.arange(v * 2**gain_bits)
+    rows = pyramid_lib.pvq_dequantize(
+        jnp.asarray(codes % v, jnp.uint32), jnp.asarray(codes // v, jnp.uint8), n, k, gain_bits
+    )
+    table = np.zeros((2**bits, n), np.float32)
+    table[: codes.size] = np.asarray(rows)
+    return table
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VQ:
     """A vector-quantization recipe for a weight, accepted wherever rules take a format.
@@ -387,6 +495,9 @@ def _base_format(base: str) -> VectorFormat | None:
     m = re.fullmatch(r"e8p(\d)", base)
     if m:
         return E8P(int(m.group(1)))
+    m = re.fullmatch(r"pvq_n(\d+)_k(\d+)_b(\d+)", base)
+    if m:
+        return PyramidVQ(int(m.group(1)), int(m.group(2)), int(m.group(3)))
     for parse in _PARSERS:
         fmt = parse(base)
         if fmt is not None:

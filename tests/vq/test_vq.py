@@ -10,7 +10,7 @@ from flax import traverse_util
 from jaxquant import vq
 from jaxquant.models import Llama, LlamaConfig
 from jaxquant.nn import QuantConfig, QuantRule, TensorQuant, freeze, kernels, serving_params
-from jaxquant.vq import E8P, VQ, KMeans, e8p, rotation
+from jaxquant.vq import E8P, VQ, KMeans, PyramidVQ, e8p, pyramid, rotation
 from jaxquant.vq import vqarray as vqarray_lib
 
 
@@ -108,6 +108,9 @@ RECIPES = {
     "e8p2": VQ(format=E8P(2)),
     "e8p3_rht_g64": VQ(format=E8P(3), rotate=True, group_size=64),
     "e8p4": VQ(format=E8P(4)),
+    "pvq_n8_k6_b1": VQ(format=PyramidVQ(8, 6, 1)),
+    "pvq_n4_k7_b2_rht_g32": VQ(format=PyramidVQ(4, 7, 2), rotate=True, group_size=32),
+    "pvq_n8_k13_b2": VQ(format=PyramidVQ(8, 13, 2)),  # 24-bit codes: no lookup table
 }
 
 
@@ -120,6 +123,15 @@ def _np_vectors(q):
         cols = n // q.recipe.codebook_groups
         cb = np.asarray(q.codebook, np.float64)
         return np.stack([cb[c // cols][idx[:, c]] for c in range(n)], axis=1)
+    if isinstance(fmt, PyramidVQ):
+        word = sum(words[..., i] << (8 * i) for i in range(words.shape[-1]))
+        v = pyramid.pvq_count(fmt.vector_dim, fmt.pulses)
+        y = np.asarray(
+            pyramid.pvq_decode(jnp.asarray(word % v, jnp.uint32), fmt.vector_dim, fmt.pulses)
+        )
+        levels = pyramid.gain_codebook(fmt.vector_dim, fmt.pulses, fmt.gain_bits)
+        u = y / np.linalg.norm(y, axis=-1, keepdims=True)
+        return levels[word // v][..., None] * u
     tables = e8p.residual_codebooks(fmt.bits)
     widths = {2: (2,), 3: (2, 1), 4: (2, 2)}[fmt.bits]
     out, i = 0.0, 0
