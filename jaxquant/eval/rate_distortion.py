@@ -44,6 +44,9 @@ VQ_METHODS = (
     "pvq_n8_k6_b1",
     "pvq_n8_k13_b2",
     "pvq_n8_k24_b4",
+    "trellis2_t256",
+    "trellis3_t256",
+    "trellis4_t256",
 )
 
 # [in, out] like a weight matrix; 2**20 samples.

@@ -6,13 +6,23 @@ randomized Hadamard rotation are shared; ``quantize_vq`` turns a weight into a `
 
 Formats: ``KMeans`` (k-means codebooks, ``kmeans``), ``E8P`` (QuIP#'s E8 lattice codebook
 and residual stages, ``e8p``), ``PyramidVQ`` (Fischer-enumerated pyramid codes with
-a quantized gain, ``pyramid``). QAT: straight-through (``fake_quant_vq``) or differentiable
+a quantized gain, ``pyramid``), ``Trellis`` (QTIP's bitshift trellis with a computed code,
+tail-biting Viterbi, ``trellis``). QAT: straight-through (``fake_quant_vq``) or differentiable
 k-means (``dkm``, ``VQ(qat='dkm')``). Building blocks: ``nearest_d8`` /
 ``nearest_e8`` (``lattice``), ``rotation`` (RHT incoherence).
 """
 
-from jaxquant.vq import dkm, e8p, pyramid, rotation
-from jaxquant.vq.formats import E8P, VQ, KMeans, PyramidVQ, VectorFormat, gaussian_code_mse, get_vq
+from jaxquant.vq import dkm, e8p, pyramid, rotation, trellis
+from jaxquant.vq.formats import (
+    E8P,
+    VQ,
+    KMeans,
+    PyramidVQ,
+    Trellis,
+    VectorFormat,
+    gaussian_code_mse,
+    get_vq,
+)
 from jaxquant.vq.kmeans import assign, distortion, kmeans
 from jaxquant.vq.lattice import nearest_d8, nearest_e8
 from jaxquant.vq.vqarray import VQArray, fake_quant_vq, quantize_vq, vq_matmul
@@ -22,6 +32,7 @@ __all__ = [
     "VQ",
     "KMeans",
     "PyramidVQ",
+    "Trellis",
     "VQArray",
     "VectorFormat",
     "assign",
@@ -37,5 +48,6 @@ __all__ = [
     "pyramid",
     "quantize_vq",
     "rotation",
+    "trellis",
     "vq_matmul",
 ]

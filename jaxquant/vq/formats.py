@@ -35,6 +35,7 @@ import numpy as np
 from jaxquant.vq import e8p as e8p_lib
 from jaxquant.vq import kmeans as kmeans_lib
 from jaxquant.vq import pyramid as pyramid_lib
+from jaxquant.vq import trellis as trellis_lib
 
 QAT_MODES = ("ste", "dkm")
 
@@ -366,6 +367,59 @@ def _pvq_table(n: int, k: int, gain_bits: int, bits: int) -> np.ndarray:
     return table
 
 
+@dataclasses.dataclass(frozen=True)
+class Trellis(VectorFormat):
+    """QTIP's bitshift trellis: ``length`` consecutive weights (the "vector") as exactly
+    ``bits · length`` bits, each weight the 1MAD computed code of the last 16 bits of the
+    stream (no codebook), chosen by tail-biting Viterbi (``trellis``). Not served by table
+    lookup (a weight's value depends on a 16-bit sliding window): dequantize, then multiply.
+
+    References: Tseng et al., "QTIP: Quantization with Trellises and Incoherence Processing",
+    arXiv:2406.11235, Sec. 3-4.
+    """
+
+    bits: int = 2
+    length: int = 256
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or self.bits not in range(1, 9):
+            raise ValueError(f"Trellis bits={self.bits!r}: expected an int from 1 to 8.")
+        t = self.length
+        if isinstance(t, bool) or not isinstance(t, int) or t < 16 or (t * self.bits) % 16:
+            raise ValueError(
+                f"Trellis length={t!r}: expected an int >= 16 with length * bits a multiple of 16."
+            )
+
+    @property
+    def vector_dim(self) -> int:
+        return self.length
+
+    @property
+    def name(self) -> str:
+        return f"trellis{self.bits}_t{self.length}"
+
+    @property
+    def code_bytes(self) -> int:
+        return self.length * self.bits // 8
+
+    @property
+    def code_bits_per_weight(self) -> float:
+        return float(self.bits)
+
+    def encode(self, x, codebook, weights=None):
+        del codebook, weights  # Viterbi minimizes the plain squared error
+        stream = trellis_lib.encode(x.astype(jnp.float32), self.bits)  # uint16 [M, W]
+        lo = (stream & 0xFF).astype(jnp.uint8)
+        hi = (stream >> 8).astype(jnp.uint8)
+        return jnp.stack([lo, hi], axis=-1).reshape(stream.shape[0], -1)
+
+    def decode(self, codes, codebook):
+        del codebook
+        c = codes.astype(jnp.uint16).reshape(codes.shape[0], -1, 2)
+        stream = c[..., 0] | (c[..., 1] << 8)
+        return trellis_lib.decode(stream, self.bits, self.length)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VQ:
     """A vector-quantization recipe for a weight, accepted wherever rules take a format.
@@ -495,6 +549,9 @@ def _base_format(base: str) -> VectorFormat | None:
     m = re.fullmatch(r"e8p(\d)", base)
     if m:
         return E8P(int(m.group(1)))
+    m = re.fullmatch(r"trellis(\d)_t(\d+)", base)
+    if m:
+        return Trellis(int(m.group(1)), int(m.group(2)))
     m = re.fullmatch(r"pvq_n(\d+)_k(\d+)_b(\d+)", base)
     if m:
         return PyramidVQ(int(m.group(1)), int(m.group(2)), int(m.group(3)))

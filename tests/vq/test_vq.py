@@ -10,7 +10,7 @@ from flax import traverse_util
 from jaxquant import vq
 from jaxquant.models import Llama, LlamaConfig
 from jaxquant.nn import QuantConfig, QuantRule, TensorQuant, freeze, kernels, serving_params
-from jaxquant.vq import E8P, VQ, KMeans, PyramidVQ, e8p, pyramid, rotation
+from jaxquant.vq import E8P, VQ, KMeans, PyramidVQ, Trellis, e8p, pyramid, rotation, trellis
 from jaxquant.vq import vqarray as vqarray_lib
 
 
@@ -111,7 +111,25 @@ RECIPES = {
     "pvq_n8_k6_b1": VQ(format=PyramidVQ(8, 6, 1)),
     "pvq_n4_k7_b2_rht_g32": VQ(format=PyramidVQ(4, 7, 2), rotate=True, group_size=32),
     "pvq_n8_k13_b2": VQ(format=PyramidVQ(8, 13, 2)),  # 24-bit codes: no lookup table
+    "trellis2_t64_rht": VQ(format=Trellis(2, 64), rotate=True),
+    "trellis3_t32_g128": VQ(format=Trellis(3, 32), group_size=128),
 }
+
+
+def _np_trellis(words, bits, length):
+    """[..., T] values of tail-biting bitshift-trellis streams (bytes, little-endian uint16
+    words, stream bit p = bit 15 - p % 16 of word p // 16), by the 1MAD code in numpy."""
+    w16 = words[..., 0::2] + 256 * words[..., 1::2]  # [..., T*bits/16]
+    p = np.arange(16 * w16.shape[-1])
+    stream = (w16[..., p // 16] >> (15 - p % 16)) & 1  # [..., T*bits]
+    out = np.zeros(words.shape[:-1] + (length,))
+    for t in range(length):
+        pos = (np.arange((t + 1) * bits - 16, (t + 1) * bits)) % (bits * length)
+        state = np.sum(stream[..., pos] << np.arange(15, -1, -1), axis=-1).astype(np.uint64)
+        x = (np.uint64(34038481) * state + np.uint64(76625530)) % np.uint64(2**32)
+        byte_sum = sum((x >> np.uint64(8 * i)) & np.uint64(255) for i in range(4))
+        out[..., t] = (byte_sum.astype(np.float64) - 510) / 147.800537109375
+    return out * trellis.gaussian_scale(bits)
 
 
 def _np_vectors(q):
@@ -123,6 +141,8 @@ def _np_vectors(q):
         cols = n // q.recipe.codebook_groups
         cb = np.asarray(q.codebook, np.float64)
         return np.stack([cb[c // cols][idx[:, c]] for c in range(n)], axis=1)
+    if isinstance(fmt, Trellis):
+        return _np_trellis(words, fmt.bits, fmt.length)
     if isinstance(fmt, PyramidVQ):
         word = sum(words[..., i] << (8 * i) for i in range(words.shape[-1]))
         v = pyramid.pvq_count(fmt.vector_dim, fmt.pulses)
