@@ -48,10 +48,7 @@ def main(argv):
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
     with open(os.path.splitext(_OUT.value)[0] + ".json", "w") as f:
         json.dump(rows, f, indent=1)
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    r = np.linspace(1.5, 9.5, 200)
-    ax.semilogy(r, rd.shannon_mse(1.0) ** r, "k-", lw=1.5, label="Shannon bound D(R) = 2^(-2R)")
-    ax.semilogy(r, 2 ** (-2 * (r - 0.15)), "k:", lw=1, label="D(R - 0.15 bit)")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1, 1.4]})
     styles = {
         "scalar": ("o", "tab:gray"),
         "kmeans": ("s", "tab:blue"),
@@ -59,34 +56,41 @@ def main(argv):
         "pvq": ("^", "tab:green"),
         "trellis": ("*", "tab:purple"),
     }
-    for family, (marker, color) in styles.items():
-        sel = [row for row in rows if _family(row["format"]) == family]
-        if not sel:
-            continue
-        ax.semilogy(
-            [row["bits_per_weight"] for row in sel],
-            [row["mse"] for row in sel],
-            marker,
-            color=color,
-            ls="none",
-            ms=8 if family == "trellis" else 6,
-            label={"scalar": "scalar presets"}.get(family, family),
-        )
-        for row in sel:
-            if family != "scalar" or row["bits_per_weight"] < 5:
+    # Left: every format; right: 1.8 to 4.7 bits, where the vector quantizers are, labelled.
+    for ax, (lo, hi), label in zip(axes, [(1.5, 9.5), (1.8, 4.7)], [False, True], strict=True):
+        r = np.linspace(lo, hi, 200)
+        ax.semilogy(r, 2 ** (-2 * r), "k-", lw=1.5, label="Shannon bound D(R) = 2^(-2R)")
+        ax.semilogy(r, 2 ** (-2 * (r - 0.15)), "k:", lw=1, label="D(R - 0.15 bit)")
+        for family, (marker, color) in styles.items():
+            sel = [row for row in rows if _family(row["format"]) == family]
+            sel = [row for row in sel if lo <= row["bits_per_weight"] <= hi]
+            if not sel:
+                continue
+            ax.semilogy(
+                [row["bits_per_weight"] for row in sel],
+                [row["mse"] for row in sel],
+                marker,
+                color=color,
+                ls="none",
+                ms=9 if family == "trellis" else 6,
+                label={"scalar": "scalar presets"}.get(family, family),
+            )
+            for i, row in enumerate(sel if label else []):
                 ax.annotate(
                     row["format"],
                     (row["bits_per_weight"], row["mse"]),
                     fontsize=6,
-                    xytext=(4, 2),
+                    color=color,
+                    xytext=(5, -8 + 5 * (i % 4)),
                     textcoords="offset points",
                 )
-    ax.set_xlabel("bits per weight (every scale, codebook and sign counted)")
-    ax.set_ylabel("MSE on N(0, 1) samples")
-    ax.set_xlim(1.5, 9.5)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("jaxquant rate-distortion on 2^20 Gaussian samples")
+        ax.set_xlabel("bits per weight (every scale, codebook and sign counted)")
+        ax.set_xlim(lo, hi)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("MSE on N(0, 1) samples")
+    axes[1].set_ylim(2e-3, 1.0)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("jaxquant rate-distortion on 2^20 Gaussian samples")
     fig.tight_layout()
     fig.savefig(_OUT.value, dpi=120)
     print(f"wrote {_OUT.value}")

@@ -144,7 +144,7 @@ class KMeans(VectorFormat):
 
     vector_dim: int
     index_bits: int
-    iters: int = 25
+    iters: int = 100
     learned = True
 
     def __post_init__(self):
@@ -359,9 +359,10 @@ def _pvq_table(n: int, k: int, gain_bits: int, bits: int) -> np.ndarray:
     """f32 [2**bits, n]: the vector of every code ``gain · V + index`` (zero rows past the end)."""
     v = pyramid_lib.pvq_count(n, k)
     codes = np.arange(v * 2**gain_bits)
-    rows = pyramid_lib.pvq_dequantize(
-        jnp.asarray(codes % v, jnp.uint32), jnp.asarray(codes // v, jnp.uint8), n, k, gain_bits
-    )
+    with jax.ensure_compile_time_eval():  # a constant, also when first built under jit
+        rows = pyramid_lib.pvq_dequantize(
+            jnp.asarray(codes % v, jnp.uint32), jnp.asarray(codes // v, jnp.uint8), n, k, gain_bits
+        )
     table = np.zeros((2**bits, n), np.float32)
     table[: codes.size] = np.asarray(rows)
     return table
@@ -575,7 +576,7 @@ def get_vq(name: str) -> VQ:
 
     Example:
       >>> get_vq("kmeans_d4_b8_rht_g64")
-      VQ(format=KMeans(vector_dim=4, index_bits=8, iters=25), group_size=64, ..., rotate=True)
+      VQ(format=KMeans(vector_dim=4, index_bits=8, iters=100), group_size=64, ..., rotate=True)
     """
     import re
 

@@ -154,17 +154,27 @@ def _seed(key, x, w, *, num_clusters):
 
 
 @functools.partial(jax.jit, static_argnames=("iters",))
-def _lloyd(x, w, codebook, *, iters):
+def _lloyd(x, w, codebook, tol, *, iters):
+    """Up to ``iters`` Lloyd steps, stopping once one lowers the distortion by less than
+    ``tol`` (relative)."""
     c = codebook.shape[0]
 
-    def step(_, codebook):
-        a, _ = _assign(x, w, codebook)
+    def step(carry):
+        i, codebook, _, prev = carry
+        a, dist = _assign(x, w, codebook)
+        total = jnp.sum(dist)  # the distortion of `codebook`, before this update
         num = jax.ops.segment_sum(w * x, a, num_segments=c)
         den = jax.ops.segment_sum(w, a, num_segments=c)
         # Empty clusters (or zero-weight coordinates) keep their centroid.
-        return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), codebook)
+        new = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), codebook)
+        return i + 1, new, prev, total
 
-    return jax.lax.fori_loop(0, iters, step, codebook)
+    def going(carry):
+        i, _, older, prev = carry
+        return (i < iters) & ((i < 2) | (older - prev > tol * prev))
+
+    init = (0, codebook, jnp.float32(jnp.inf), jnp.float32(jnp.inf))
+    return jax.lax.while_loop(going, step, init)[1]
 
 
 def kmeans(
@@ -172,21 +182,23 @@ def kmeans(
     num_clusters: int,
     *,
     weights=None,
-    iters: int = 25,
+    iters: int = 100,
+    tol: float = 1e-5,
     key: jax.Array | None = None,
     max_seed_points: int | None = None,
 ) -> jax.Array:
     """A k-means codebook of ``num_clusters`` centroids for the rows of ``x``.
 
-    k-means++ seeding (in rounds above ``SEED_ROUNDS`` centroids), then ``iters`` Lloyd
-    iterations, all jitted; with ``weights`` both minimize the weighted distortion (see the
+    k-means++ seeding (in rounds above ``SEED_ROUNDS`` centroids), then Lloyd iterations
+    until they stop helping (``tol``) or ``iters`` of them ran, all jitted; with ``weights`` both minimize the weighted distortion (see the
     module docstring).
 
     Args:
       x: float [M, d], M >= num_clusters.
       num_clusters: C, 1 to 2**16.
       weights: None, f32 [M, d] or [M]: non-negative importance of each element or vector.
-      iters: Lloyd iterations (0 returns the seeding).
+      iters: the most Lloyd iterations (0 returns the seeding).
+      tol: stop once an iteration lowers the distortion by less than this fraction.
       key: PRNG key of the seeding (default ``jax.random.key(0)``).
       max_seed_points: seed from a random subset of this many vectors (default: all; at
         least ``num_clusters``); Lloyd always runs on all of them.
@@ -210,4 +222,4 @@ def kmeans(
         idx = jax.random.choice(k_sub, x.shape[0], (n,), replace=False)
         xs, ws = x[idx], w[idx]
     codebook = _seed(key, xs, ws, num_clusters=num_clusters)
-    return _lloyd(x, w, codebook, iters=iters)
+    return _lloyd(x, w, codebook, jnp.float32(tol), iters=iters)
