@@ -31,6 +31,22 @@ class QuantizedTensor:
     ``dequantize(dtype=None)``, ``nbytes`` and ``bits_per_weight``; layers, ``freeze`` and the
     PTQ pipeline handle any of them through this interface."""
 
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every stored array (every pytree leaf)."""
+        leaves = jax.tree_util.tree_leaves(self)
+        return sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in leaves)
+
 
 @struct.dataclass
 class QArray(QuantizedTensor):
@@ -75,14 +91,6 @@ class QArray(QuantizedTensor):
     tensor_scale: jax.Array | None = None
 
     @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
     def _batch_shape(self) -> tuple[int, ...]:
         return tuple(self.codes.shape[: self.codes.ndim - len(self.shape)])
 
@@ -102,12 +110,6 @@ class QArray(QuantizedTensor):
             zero = scaling_lib.broadcastable(zero, view_shape, reduce_axes, False)
         x = scaling_lib.multiply(v, s, zero, self.scaling)
         return x.reshape(self.shape).astype(self.dtype if dtype is None else dtype)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of every stored array: codes, scales, zero points and tensor scale."""
-        leaves = jax.tree_util.tree_leaves(self)
-        return sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in leaves)
 
     @property
     def bits_per_weight(self) -> float:

@@ -190,8 +190,8 @@ def kmeans(
     """A k-means codebook of ``num_clusters`` centroids for the rows of ``x``.
 
     k-means++ seeding (in rounds above ``SEED_ROUNDS`` centroids), then Lloyd iterations
-    until they stop helping (``tol``) or ``iters`` of them ran, all jitted; with ``weights`` both minimize the weighted distortion (see the
-    module docstring).
+    until they stop helping (``tol``) or ``iters`` of them ran, all jitted; with ``weights``
+    both minimize the weighted distortion (see the module docstring).
 
     Args:
       x: float [M, d], M >= num_clusters.

@@ -69,14 +69,6 @@ class VQArray(QuantizedTensor):
         return self.recipe
 
     @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
     def matrix_shape(self) -> tuple[int, int]:
         return self.shape[0], math.prod(self.shape[1:])
 
@@ -102,12 +94,6 @@ class VQArray(QuantizedTensor):
         if self.recipe.rotate:
             w = rotation.unrotate_weight(w, *self.signs())
         return w.reshape(self.shape).astype(self.dtype if dtype is None else dtype)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of every stored array: codes, scales, codebook, signs."""
-        leaves = jax.tree_util.tree_leaves(self)
-        return sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in leaves)
 
     @property
     def bits_per_weight(self) -> float:
