@@ -338,3 +338,16 @@ def test_dkm_qat_learns_a_codebook_param_that_freeze_serves(llama):
     quant, _ = freeze(qat, p, tokens, rules=rules)
     want = model.apply({"params": _dequantized(p, quant)}, tokens)
     np.testing.assert_allclose(qat.apply({"params": p}, tokens), want, rtol=1e-4, atol=1e-4)
+
+
+def test_recipe_names_parse_back_and_the_ptq_cli_takes_them():
+    from jaxquant.eval.rate_distortion import VQ_METHODS
+    from jaxquant.train.ptq import ptq_rules
+
+    for name in VQ_METHODS + ("kmeans_d4_b8_rht_g64_cb2", "kmeans_d2_b4_dkm", "e8p2_rht"):
+        recipe = vq.get_vq(name)
+        assert recipe.name == name and vq.get_vq(recipe.name) == recipe
+    (rule,) = ptq_rules("e8p3_rht", group_size=64)
+    assert rule.weight.format == VQ(format=E8P(3), rotate=True, group_size=64)
+    with pytest.raises(ValueError, match="unknown format name"):
+        vq.get_vq("lattice9")
