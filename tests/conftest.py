@@ -20,3 +20,20 @@ def pytest_configure(config):
 def mesh8():
     """A 1-D mesh over the 8 devices, axis name 'x'."""
     return jax.make_mesh((8,), ("x",))
+
+
+@pytest.fixture(scope="session")
+def llama():
+    """(model, params, tokens): a one-layer Llama (embed 64, 4 heads, 2 KV heads, MLP 128)
+    with unboxed params and [2, 8] tokens, shared by the serving tests."""
+    import flax.linen as nn
+
+    from jaxquant.models import Llama, LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=32, embed_dim=64, num_layers=1, num_heads=4, num_kv_heads=2, mlp_dim=128
+    )
+    model = Llama(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 32)
+    params = nn.unbox(model.init(jax.random.key(1), tokens)["params"])
+    return model, params, tokens

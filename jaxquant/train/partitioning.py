@@ -292,7 +292,7 @@ def state_shardings(abstract_variables, mesh: Mesh, rules=DEFAULT_RULES):
     )
     flat_out = {}
     for path, q in flat_quant.items():
-        if is_qarray(q) and not isinstance(q, QArray):  # VQArray: small, replicated
+        if is_qarray(q) and not isinstance(q, QArray):  # VQArray: replicated, not split
             flat_out[path] = jax.tree.map(lambda _: replicated, q)
         elif is_qarray(q):
             weight = flat_params.get(path)

@@ -8,7 +8,6 @@ import pytest
 from flax import traverse_util
 
 import jaxquant.numerics as jn
-from jaxquant.models import Llama, LlamaConfig
 from jaxquant.nn import QEinsum, QuantConfig, QuantRule, freeze, kernels, serving_params
 
 E4M3_CHANNEL = jn.Preset("E4M3_CHANNEL", jn.E4M3, jn.Scaling(axis=0))
@@ -28,17 +27,6 @@ FALLBACK_PRESETS = {
     "FP4_AFPQ_G32": jn.FP4_AFPQ_G128.with_group_size(32),
     "FP8_E5M2": jn.FP8_E5M2,
 }
-
-
-@pytest.fixture(scope="module")
-def llama():
-    cfg = LlamaConfig(
-        vocab_size=32, embed_dim=64, num_layers=1, num_heads=4, num_kv_heads=2, mlp_dim=128
-    )
-    model = Llama(cfg)
-    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 32)
-    params = nn.unbox(model.init(jax.random.key(1), tokens)["params"])
-    return model, params, tokens
 
 
 def _dequantized(params, quant):

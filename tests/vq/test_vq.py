@@ -8,7 +8,6 @@ import pytest
 from flax import traverse_util
 
 from jaxquant import vq
-from jaxquant.models import Llama, LlamaConfig
 from jaxquant.nn import QuantConfig, QuantRule, TensorQuant, freeze, kernels, serving_params
 from jaxquant.vq import E8P, VQ, KMeans, PyramidVQ, Trellis, e8p, pyramid, rotation, trellis
 from jaxquant.vq import vqarray as vqarray_lib
@@ -246,17 +245,6 @@ def test_vq_recipes_and_quantize_vq_reject_bad_arguments():
         QuantRule(".*", act=VQ(format=KMeans(4, 2)))
     with pytest.raises(ValueError, match="scaling"):
         TensorQuant(format=VQ(format=KMeans(4, 2)), lsq=True)
-
-
-@pytest.fixture(scope="module")
-def llama():
-    cfg = LlamaConfig(
-        vocab_size=32, embed_dim=64, num_layers=1, num_heads=4, num_kv_heads=2, mlp_dim=128
-    )
-    model = Llama(cfg)
-    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 32)
-    params = nn.unbox(model.init(jax.random.key(1), tokens)["params"])
-    return model, params, tokens
 
 
 def _dequantized(params, quant):
