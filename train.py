@@ -2,8 +2,9 @@
 
   python train.py --config=configs/shakespeare_tiny.py --workdir=/tmp/tiny [--mode=train|eval|ptq]
 
---mode=ptq quantizes the latest checkpoint with RTN and GPTQ (config.ptq), saves each variant
-under workdir/ptq/ and prints float vs RTN vs GPTQ.
+--mode=ptq quantizes the latest checkpoint by round-to-nearest and from calibration Hessians
+(GPTQ for scalar formats, block LDLQ for vector ones; config.ptq), saves each variant under
+workdir/ptq/ and prints float vs RTN vs the Hessian-aware method.
 
 Flags override config fields: --config.train.num_steps=200 --config.optim.lr=1e-3.
 Multi-host: --coordinator_address=host:port --num_processes=N --process_id=i on every process.
@@ -23,7 +24,7 @@ _MODE = flags.DEFINE_enum(
     "mode",
     "train",
     ["train", "eval", "ptq"],
-    "train (then evaluate); eval a checkpoint; ptq: quantize a checkpoint (RTN, GPTQ).",
+    "train (then evaluate); eval a checkpoint; ptq: quantize a checkpoint (RTN, GPTQ/HAVQ).",
 )
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs."

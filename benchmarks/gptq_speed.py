@@ -1,9 +1,9 @@
-"""GPTQ speed: the jitted ``jaxquant.ptq.gptq`` against a straightforward numpy GPTQ.
+"""GPTQ speed: the jitted ``jaxquant.numerics.gptq`` against a straightforward numpy GPTQ.
 
   python benchmarks/gptq_speed.py [--k=4096] [--n=4096] [--tokens=8192] [--group=128]
 
 One layer ``[k, n]`` with its Hessian from ``tokens`` correlated calibration rows, int4 with
-per-group scales, block size 128, in the same run: the numpy implementation (float32, the
+per-group scales, lazy batches of 128 rows, in the same run: the numpy implementation (float32, the
 reference algorithm written plainly: Cholesky, inverse, Cholesky, then the row loop with
 in-block outer-product updates and one matmul per block) and jaxquant's (one jitted loop;
 timed once cold, compilation included, and once warm). Prints both times, the speedup and the
@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import jaxquant.numerics as jn  # noqa: E402
-from jaxquant.ptq import gptq, layer_error  # noqa: E402
+from jaxquant.numerics import gptq, layer_error  # noqa: E402
 
 _K = flags.DEFINE_integer("k", 4096, "in_features.")
 _N = flags.DEFINE_integer("n", 4096, "out_features.")
@@ -82,7 +82,7 @@ def main(argv):
     times = []
     for _ in range(2):  # cold (compiles), then warm
         t0 = time.perf_counter()
-        q = gptq(w, h, preset, block_size=_BLOCK)
+        q = gptq(w, h, preset, lazy_batch=_BLOCK)
         jax.block_until_ready(q.codes)
         times.append(time.perf_counter() - t0)
     e_np = float(layer_error(w, q_np, h))

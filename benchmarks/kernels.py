@@ -32,10 +32,11 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import jaxquant.numerics as jn  # noqa: E402
-from jaxquant.nn import kernels  # noqa: E402
 from pallas_kernels.quantized_matmul import quantized_matmul  # noqa: E402
 
-_FORMATS = flags.DEFINE_list("formats", ["int4_g128", "int8", "mxfp4", "nf4"], "Presets.")
+_FORMATS = flags.DEFINE_list(
+    "formats", ["int4_g128", "int8", "mxfp4", "nf4"], "Quantizer names (get_quantizer)."
+)
 _MS = flags.DEFINE_list("ms", ["1", "8", "32", "2048"], "Activation rows M.")
 _SIZES = flags.DEFINE_list("sizes", ["4096", "8192"], "Weight sizes K = N.")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed runs per measurement (median).")
@@ -89,7 +90,7 @@ def main(argv):
         key = jax.random.key(size)
         w = jax.random.normal(key, (size, size), jnp.float32)
         w_bf16 = w.astype(jnp.bfloat16)
-        quantized = {f: jn.quantize(w, jn.get_preset(f)) for f in _FORMATS.value}
+        quantized = {f: jn.quantize(w, f) for f in _FORMATS.value}
         for m in map(int, _MS.value):
             x = jax.random.normal(jax.random.key(m), (m, size), jnp.bfloat16)
             act = m * size * 2
@@ -99,7 +100,7 @@ def main(argv):
                 nbytes = q.nbytes + act
                 t_deq = _time(dequant_mm, x, q)
                 t_kernel = None
-                args = kernels.kernel_args(q)
+                args = q.kernel_args()
                 if on_accelerator and args is not None:
                     arrays = {k: v for k, v in args.items() if k in _ARRAY_ARGS}
                     static = {k: v for k, v in args.items() if k not in _ARRAY_ARGS}

@@ -35,7 +35,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a trained run.", req
 _FORMATS = flags.DEFINE_list(
     "formats",
     ["int4_g64", "int3_g64", "int2_g64", "mxfp4", "nf4"],
-    "Presets to compare (``<preset>_g<N>`` regroups a preset).",
+    "Quantizers to compare (``jaxquant.get_quantizer`` names).",
 )
 _BATCHES = flags.DEFINE_integer("calibration_batches", 8, "Calibration batches.")
 _ORDER = flags.DEFINE_enum("order", "", ["", "act", "babai"], "GPTQ's row order.")
@@ -44,7 +44,7 @@ _ORDER = flags.DEFINE_enum("order", "", ["", "act", "babai"], "GPTQ's row order.
 def main(argv):
     del argv
     config = _CONFIG.value
-    config.ptq.method = "gptq"
+    config.ptq.method = "hessian"
     config.ptq.num_calibration_batches = _BATCHES.value
     config.ptq.order = _ORDER.value
     config.ptq.format, config.ptq.group_size = ",".join(_FORMATS.value), 0
@@ -57,13 +57,13 @@ def main(argv):
     for fmt in _FORMATS.value:
         d_rtn = results[f"rtn_{fmt}"].loss - base
         d_gptq = results[f"gptq_{fmt}"].loss - base
-        layers = reports[f"gptq_{fmt}"].layers
+        layers = reports[f"gptq_{fmt}"].weights
         ok_layers = sum(r.error <= r.rtn_error for r in layers)
         print(
             f"| {fmt} | {results[f'gptq_{fmt}'].bits_per_weight:.3f} | {d_rtn:+.4f} | "
             f"{d_gptq:+.4f} | {d_gptq / d_rtn:.3f} | {ok_layers}/{len(layers)} |"
         )
-        bits = ptq.ptq_rules(fmt)[0].weight.format.format.bits
+        bits = ptq.ptq_rules(fmt)[0].weight.format.bits
         if bits <= 3 and d_gptq > 0.5 * d_rtn:
             failures.append(f"{fmt}: GPTQ Δ {d_gptq:.4f} > half of RTN's {d_rtn:.4f}")
         if ok_layers < len(layers):

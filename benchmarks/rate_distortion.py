@@ -21,7 +21,7 @@ from absl import app, flags, logging  # noqa: E402
 from jaxquant.eval import rate_distortion as rd  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", "docs/rate_distortion.png", "Where to write the PNG.")
-_METHODS = flags.DEFINE_list("methods", None, "VQ recipes (default: rd.VQ_METHODS).")
+_METHODS = flags.DEFINE_list("methods", None, "Vector quantizer names (default: rd.VQ_METHODS).")
 
 
 def _family(name: str) -> str:
@@ -44,7 +44,7 @@ def main(argv):
             "benchmarks/rate_distortion.py needs matplotlib: pip install -e '.[bench]'"
         ) from None
     rows = rd.rate_distortion_rows() + rd.vq_rate_distortion_rows(_METHODS.value)
-    print(rd.format_table(rows))
+    print(rd.rate_distortion_table(rows))
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
     with open(os.path.splitext(_OUT.value)[0] + ".json", "w") as f:
         json.dump(rows, f, indent=1)

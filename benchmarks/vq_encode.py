@@ -1,4 +1,4 @@
-"""Encoding speed of every VQ method: ``quantize_vq`` of a [4096, 256] Gaussian weight.
+"""Encoding speed of every VQ method: ``quantize`` of a [4096, 256] Gaussian weight.
 
   python benchmarks/vq_encode.py [--methods=e8p2,trellis2_t256]
 
@@ -17,9 +17,9 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from jaxquant.eval import rate_distortion as rd  # noqa: E402
-from jaxquant.vq import get_vq, quantize_vq  # noqa: E402
+from jaxquant.numerics import get_quantizer, quantize  # noqa: E402
 
-_METHODS = flags.DEFINE_list("methods", None, "VQ recipes (default: rd.VQ_METHODS).")
+_METHODS = flags.DEFINE_list("methods", None, "Vector quantizer names (default: rd.VQ_METHODS).")
 
 
 def main(argv):
@@ -29,10 +29,10 @@ def main(argv):
     print(f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; weight {tuple(x.shape)}")
     print("| method | seconds | weights/s |\n|---|---:|---:|")
     for name in _METHODS.value or rd.VQ_METHODS:
-        recipe = get_vq(name)
-        jax.block_until_ready(quantize_vq(x, recipe).codes)
+        recipe = get_quantizer(name)
+        jax.block_until_ready(quantize(x, recipe).codes)
         t0 = time.perf_counter()
-        jax.block_until_ready(quantize_vq(x, recipe).codes)
+        jax.block_until_ready(quantize(x, recipe).codes)
         dt = time.perf_counter() - t0
         print(f"| {name} | {dt:.2f} | {x.size / dt:,.0f} |", flush=True)
 

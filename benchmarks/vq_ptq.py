@@ -6,9 +6,10 @@
 
 Each pair ``scalar:vq`` quantizes every linear kernel of the latest checkpoint twice,
 layer-sequentially on the same calibration batches: the scalar preset by GPTQ (act-order,
-static groups, the stronger of GPTQ's orders on this model, BENCHMARKS.md) and the VQ recipe
-(``jaxquant.vq.get_vq`` names) by Hessian-aware VQ (``quantize_model(method='vq')``). Both are
-evaluated on the whole validation split. The target: the VQ recipe's loss increase over float
+static groups, the stronger of GPTQ's orders on this model, BENCHMARKS.md) and the vector
+quantizer (``jaxquant.get_quantizer`` names) by Hessian-aware VQ (``quantize_model``: each
+quantizer picks its Hessian-aware method). Both are
+evaluated on the whole validation split. The target: the vector quantizer's loss increase over float
 is at most half of scalar GPTQ's, at no more bits per weight (the quantized layers' bits,
 every scale, codebook and sign counted).
 """
@@ -26,10 +27,10 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from jaxquant.nn import QuantRule  # noqa: E402
+from jaxquant.numerics import get_quantizer  # noqa: E402
 from jaxquant.ptq import quantize_model  # noqa: E402
 from jaxquant.train import ptq  # noqa: E402
 from jaxquant.train.trainer import Trainer  # noqa: E402
-from jaxquant.vq import get_vq  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -45,8 +46,7 @@ _BATCHES = flags.DEFINE_integer("calibration_batches", 8, "Calibration batches."
 
 
 def _layer_bits(report) -> float:
-    f = report.freeze
-    return 8 * f.quant_bytes / f.quant_params
+    return 8 * report.quant_bytes / report.quant_params
 
 
 def main(argv):
@@ -69,15 +69,13 @@ def main(argv):
         out = {}
         for name, rules, method, order in (
             (scalar, ptq.ptq_rules(scalar), "gptq", "act"),
-            (vq_name, (QuantRule(".*", weight=get_vq(vq_name)),), "vq", None),
+            (vq_name, (QuantRule(".*", weight=get_quantizer(vq_name)),), "havq", None),
         ):
             t0 = time.perf_counter()
-            quant, report = quantize_model(
-                model, params, batches, rules, method, order=order, return_report=True
-            )
+            quant, report = quantize_model(model, params, batches, rules, order=order)
             seconds = time.perf_counter() - t0
             res = evaluator.evaluate_quantized(params, quant, rules, report, name=name)
-            err = float(np.mean([r.error for r in report.layers]))
+            err = float(np.mean([r.error for r in report.weights]))
             out[name] = (res.loss - base, _layer_bits(report), report.bits_per_weight, err)
             rows.append(
                 f"| {name} | {'GPTQ (act-order)' if method == 'gptq' else 'HAVQ'} | "

@@ -83,11 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # --mode=ptq: quantize the trained checkpoint (jaxquant.train.ptq)
     c.ptq = ml_collections.ConfigDict()
-    c.ptq.method = "gptq"  # or "rtn"; gptq prints the RTN baseline too
-    c.ptq.format = "int4_g128,int3_g128,int2_g128"  # get_preset names, comma-separated
-    c.ptq.group_size = 0  # 0: each preset's grouping; N > 0: groups of N inputs
+    c.ptq.method = "hessian"  # GPTQ / block LDLQ, with the RTN baseline; or "rtn"
+    c.ptq.format = "int4_g128,int3_g128,int2_g128"  # jaxquant.get_quantizer names
+    c.ptq.group_size = 0  # 0: each quantizer's grouping; N > 0: groups of N inputs
     c.ptq.num_calibration_batches = 8  # of train.batch_size x train.seq_len tokens
-    c.ptq.block_size = 128
     c.ptq.damp = 0.01
     c.ptq.order = ""  # GPTQ row order: "" (input order), "act" or "babai"
 

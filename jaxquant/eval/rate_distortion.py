@@ -7,8 +7,8 @@ can reach a mean squared error below the distortion-rate function ``D(R) = 2**(-
 its own distortion: a vector quantizer's target is a gap near 0, scalar formats sit near 1.
 
 Vector quantizers (``jaxquant.vq``: k-means, E8P, Pyramid VQ, trellis) are measured the same
-way, each as a ``VQ`` recipe on the sample viewed as a weight [K, N] = [4096, 256] (one f32
-scale per column; codebooks and scales counted in the bits).
+way, each as a ``VectorQuantizer`` on the sample viewed as a weight [K, N] = [4096, 256] (one
+f32 scale per column; codebooks and scales counted in the bits).
 
 Run:
   python -m jaxquant.eval.rate_distortion               # both tables
@@ -18,6 +18,7 @@ Run:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterable
@@ -26,10 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from jaxquant.numerics import PRESETS, Preset, quantize
-from jaxquant.vq import get_vq, quantize_vq
+from jaxquant.numerics import PRESETS, Quantizer, get_quantizer, quantize
 
-# VQ recipes of the report (``jaxquant.vq.get_vq`` names), about 2, 3 and 4 bits per weight.
+# Vector quantizers of the report (``get_quantizer`` names), about 2, 3 and 4 bits per weight.
 VQ_METHODS = (
     "kmeans_d1_b2",
     "kmeans_d2_b4",
@@ -64,17 +64,18 @@ def gaussian_samples(seed: int = 0, shape: tuple[int, ...] = SAMPLE_SHAPE) -> jn
 
 
 def rate_distortion_rows(
-    presets: Iterable[Preset] | None = None,
+    presets: Iterable[Quantizer] | None = None,
     *,
     seed: int = 0,
     calibration: str = "absmax",
     shape: tuple[int, ...] = SAMPLE_SHAPE,
 ) -> list[dict]:
-    """One row per preset: format, bits_per_weight, mse, shannon_mse, gap_bits."""
+    """One row per scalar quantizer (default: every preset, with ``calibration``): format,
+    bits_per_weight, mse, shannon_mse, gap_bits."""
     x = gaussian_samples(seed, shape)
     rows = []
     for preset in PRESETS.values() if presets is None else presets:
-        q = quantize(x, preset, calibration=calibration)
+        q = quantize(x, dataclasses.replace(preset, calibration=calibration))
         mse = float(jnp.mean(jnp.square(q.dequantize() - x)))
         rows.append(_row(preset.name, q.bits_per_weight, mse))
     return rows
@@ -97,17 +98,17 @@ def vq_rate_distortion_rows(
     seed: int = 0,
     shape: tuple[int, ...] = SAMPLE_SHAPE,
 ) -> list[dict]:
-    """One row per VQ recipe name (default ``VQ_METHODS``), as ``rate_distortion_rows``."""
+    """One row per vector quantizer name (default ``VQ_METHODS``), as ``rate_distortion_rows``."""
     x = gaussian_samples(seed, shape)
     rows = []
     for name in VQ_METHODS if methods is None else methods:
-        q = quantize_vq(x, get_vq(name))
+        q = quantize(x, get_quantizer(name))
         mse = float(jnp.mean(jnp.square(q.dequantize() - x)))
         rows.append(_row(name, q.bits_per_weight, mse))
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
+def rate_distortion_table(rows: list[dict]) -> str:
     """A markdown table of the rows."""
     lines = [
         "| format | bits/weight | MSE | Shannon D(R) | gap (bits) |",
@@ -121,30 +122,37 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-_JSON = flags.DEFINE_bool("json", False, "Print the rows as JSON instead of a table.")
-_CALIBRATION = flags.DEFINE_enum(
-    "calibration", "absmax", ["absmax", "mse", "percentile"], "How block ranges are chosen."
-)
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the Gaussian sample.")
-_VQ = flags.DEFINE_bool("vq", True, "Also measure the vector quantizers (VQ_METHODS).")
+def _define_flags():
+    """The command line's flags (defined only when run as a program, so importing the module
+    defines none)."""
+    return (
+        flags.DEFINE_bool("json", False, "Print the rows as JSON instead of a table."),
+        flags.DEFINE_enum(
+            "calibration", "absmax", ["absmax", "mse", "percentile"], "How block ranges are chosen."
+        ),
+        flags.DEFINE_integer("seed", 0, "Seed of the Gaussian sample."),
+        flags.DEFINE_bool("vq", True, "Also measure the vector quantizers (VQ_METHODS)."),
+    )
 
 
-def main(argv):
+def main(argv, flag_values):
     del argv
+    as_json, calibration, seed, with_vq = (f.value for f in flag_values)
     logging.set_verbosity(logging.WARNING)  # not jax's INFO line about a missing TPU
-    rows = rate_distortion_rows(seed=_SEED.value, calibration=_CALIBRATION.value)
-    vq_rows = vq_rate_distortion_rows(seed=_SEED.value) if _VQ.value else []
-    if _JSON.value:
+    rows = rate_distortion_rows(seed=seed, calibration=calibration)
+    vq_rows = vq_rate_distortion_rows(seed=seed) if with_vq else []
+    if as_json:
         print(json.dumps(rows + vq_rows, indent=2))
     else:
         n = math.prod(SAMPLE_SHAPE)
         print(f"Rate-distortion on {n} i.i.d. N(0,1) samples {SAMPLE_SHAPE}, ", end="")
-        print(f"calibration={_CALIBRATION.value}; D(R) = 2^(-2R), gap = 0.5*log2(MSE/D(R)).\n")
-        print(format_table(rows))
+        print(f"calibration={calibration}; D(R) = 2^(-2R), gap = 0.5*log2(MSE/D(R)).\n")
+        print(rate_distortion_table(rows))
         if vq_rows:
-            print("\nVector quantizers (jaxquant.vq recipes, one f32 scale per column):\n")
-            print(format_table(vq_rows))
+            print("\nVector quantizers (jaxquant.vq, one f32 scale per column):\n")
+            print(rate_distortion_table(vq_rows))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _FLAGS = _define_flags()
+    app.run(lambda argv: main(argv, _FLAGS))

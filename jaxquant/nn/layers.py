@@ -1,156 +1,156 @@
 """QDense, QDenseGeneral, QEinsum, QEmbed: Flax Linen layers with a quantization config.
 
 Each subclasses the Linen layer of the same name, so arguments, param names, shapes and
-initializers are the same (a float checkpoint loads as is), and adds two fields:
+initializers are Flax's own (a float checkpoint loads as is), and adds two fields:
 
   quant: a ``QuantConfig`` (mode and rules; None is float);
   role:  ``'linear'``, or ``'head'`` for an output projection (rules skip heads and
          embeddings unless they name those roles).
 
-The computation is written once, as functions of a module (``dense_general``, ``einsum``), so
-``intercept`` runs the same code for plain ``nn.Dense``/``nn.DenseGeneral``/``nn.Einsum``.
+Flax's own ``__call__`` runs in float and calibrate modes and creates every param at
+initialization. The one override, ``QuantizedLayer.__call__``, hands quantized modes to
+``ops.quantized_call`` with the layer's ``Contraction``: which weight it multiplies with its
+input, along which axes, and how (``dense_contraction``, ``einsum_contraction``). The same
+contractions serve plain ``nn.Dense``/``nn.DenseGeneral``/``nn.Einsum`` layers under
+``intercept``.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax.linen import meta
+from jax import lax
 
 from jaxquant.nn import ops
-from jaxquant.nn.rules import QuantConfig, layer_path
-from jaxquant.numerics import QuantizedTensor
-
-_FLOAT = QuantConfig()
+from jaxquant.nn.rules import QuantConfig
+from jaxquant.numerics import is_quantized
 
 
 def _tuple(x) -> tuple:
     return tuple(x) if isinstance(x, Sequence) else (x,)
 
 
-def _promote(module, inputs, kernel, bias):
-    """Flax's dtype promotion, with a quantized kernel passed through (dequantized later)."""
-    if isinstance(kernel, QuantizedTensor):
-        inputs, bias = module.promote_dtype(inputs, bias, dtype=module.dtype)
-        return inputs, kernel, bias
-    return module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
+def _bias(module):
+    if not module.use_bias:
+        return None
+    return nn.unbox(module.get_variable("params", "bias"))
 
 
-def _base_dot_general(module):
-    if getattr(module, "dot_general_cls", None) is not None:
-        return module.dot_general_cls()
-    return getattr(module, "dot_general", None)
+def _promote(module, x, w, bias):
+    """Flax's dtype promotion; a frozen weight passes through (dequantized by its matmul)."""
+    if is_quantized(w):
+        x, bias = module.promote_dtype(x, bias, dtype=module.dtype)
+        return x, w, bias
+    return module.promote_dtype(x, w, bias, dtype=module.dtype)
 
 
-def dense_general(module, inputs, config: QuantConfig, role: str = "linear"):
-    """``nn.DenseGeneral.__call__`` (and ``nn.Dense``'s) with quantization per ``config``."""
+def served_dot_general(x, q, dims, kernel_shape, precision=None, preferred_element_type=None):
+    """``x`` contracted with a frozen weight ``q`` as ``lax.dot_general(x, kernel, dims)``.
+
+    ``q`` has the kernel's shape, or its merged view ``[K, *rest]`` (``ops.weight_view``): then
+    when ``x``'s contracted axes are its trailing ones, in the kernel's order, and there are no
+    batch axes, they merge into K by a free reshape and ``q.dot_general`` reads the codes (a
+    Pallas kernel); otherwise ``q`` is dequantized to the kernel's shape first.
+    """
+    (lc, rc), (lb, _) = dims
+    if tuple(q.shape) == tuple(kernel_shape):
+        return q.dot_general(x, dims, precision, preferred_element_type)
+    n = len(lc)
+    if not lb and tuple(lc) == tuple(range(x.ndim - n, x.ndim)) and tuple(rc) == tuple(range(n)):
+        x2 = x.reshape(x.shape[: x.ndim - n] + (-1,))
+        y = q.dot_general(x2, (((x2.ndim - 1,), (0,)), ((), ())), precision, preferred_element_type)
+        return y.reshape(x.shape[: x.ndim - n] + tuple(kernel_shape[n:]))
+    w = q.dequantize(x.dtype).reshape(kernel_shape)
+    return lax.dot_general(
+        x, w, dims, precision=precision, preferred_element_type=preferred_element_type
+    )
+
+
+@jax.custom_vjp
+def matmul_2d(x2: jax.Array, w2: jax.Array) -> jax.Array:
+    """``x2 [M, K] @ w2 [K, N]``, with its backward written on the 2-D views.
+
+    The values of ``lax.dot_general`` and its gradients (up to summation order); but the
+    automatic weight gradient of a matmul over leading batch axes transposes a copy of the
+    output gradient first, which ``x2ᵀ @ g`` on the 2-D view does not (on XLA:CPU that copy
+    was most of QAT's step-time overhead over float: BENCHMARKS.md, "Training throughput").
+    """
+    return lax.dot_general(x2, w2, (((1,), (0,)), ((), ())))
+
+
+def _matmul_2d_fwd(x2, w2):
+    return matmul_2d(x2, w2), (x2, w2)
+
+
+def _matmul_2d_bwd(res, g):
+    x2, w2 = res
+    dx = lax.dot_general(g, w2, (((1,), (1,)), ((), ())))  # g @ w2ᵀ
+    dw = lax.dot_general(x2, g, (((0,), (0,)), ((), ())))  # x2ᵀ @ g
+    return dx.astype(x2.dtype), dw.astype(w2.dtype)
+
+
+matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
+
+
+def _is_plain(ndim: int, dims) -> bool:
+    """The input's trailing axes contracted, in order, with the kernel's leading ones, no batch
+    axes: a 2-D matmul after free reshapes."""
+    (lc, rc), (lb, _) = dims
+    n = len(lc)
+    return not lb and tuple(lc) == tuple(range(ndim - n, ndim)) and tuple(rc) == tuple(range(n))
+
+
+def dense_contraction(module, args, kwargs) -> ops.Contraction:
+    """The matmul of ``nn.Dense`` and ``nn.DenseGeneral`` (axes, batch dims and bias as Flax
+    defines them)."""
+    (inputs,) = args
+    if kwargs:
+        raise TypeError(f"{type(module).__name__}: unexpected keyword arguments {sorted(kwargs)}.")
+    ndim = inputs.ndim
     features = _tuple(module.features)
-    axis = _tuple(getattr(module, "axis", -1))
-    batch_dims = _tuple(getattr(module, "batch_dims", ()))
+    axis = tuple(sorted(a % ndim for a in _tuple(getattr(module, "axis", -1))))
+    batch_dims = tuple(sorted(a % ndim for a in _tuple(getattr(module, "batch_dims", ()))))
     if batch_dims and set(batch_dims) != set(range(max(batch_dims) + 1)):
         raise ValueError(f"batch_dims {batch_dims} must be consecutive leading dimensions.")
-    ndim = inputs.ndim
-    axis = tuple(sorted(a % ndim for a in axis))
-    batch_dims = tuple(sorted(a % ndim for a in batch_dims))
-    n_batch, n_axis, n_features = len(batch_dims), len(axis), len(features)
-
-    def kernel_init_wrap(rng, shape, dtype=jnp.float32):
-        # As Flax: initialize the kernel as a 2-D matrix, so fan-in/fan-out are the same.
-        flat = (
-            int(np.prod(shape[:n_batch]) * np.prod(shape[n_batch : n_batch + n_axis])),
-            int(np.prod(shape[-n_features:])),
-        )
-        kernel = module.kernel_init(rng, flat, dtype)
-        if isinstance(kernel, meta.AxisMetadata):
-            return meta.replace_boxed(kernel, jnp.reshape(kernel.unbox(), shape))
-        return jnp.reshape(kernel, shape)
-
+    n_batch = len(batch_dims)
     batch_shape = tuple(inputs.shape[a] for a in batch_dims)
     kernel_shape = batch_shape + tuple(inputs.shape[a] for a in axis) + features
-    contract_ind = tuple(range(n_batch, n_batch + n_axis))
-    rule = config.match(layer_path(module), role)
-    kernel = ops.layer_weight(
-        module,
-        "kernel",
-        kernel_init_wrap,
-        kernel_shape,
-        module.param_dtype,
-        contract_ind,
-        config,
-        rule,
+    contract_ind = tuple(range(n_batch, n_batch + len(axis)))
+    dims = ((axis, contract_ind), (batch_dims, tuple(range(n_batch))))
+    # the bias broadcasts over the input's free axes: [batch..., 1 (free)..., features]
+    expanded = tuple(
+        inputs.shape[a] if a in batch_dims else 1 for a in range(ndim) if a not in axis
     )
-    # A QArray frozen in its merged view [K, *features] is served as is (the kernel reads it)
-    # when the input's contracted axes are trailing: they merge into K by a free reshape.
-    merged = (
-        isinstance(kernel, QuantizedTensor)
-        and tuple(kernel.shape) != kernel_shape
-        and not n_batch
-        and axis == tuple(range(ndim - n_axis, ndim))
-        and (rule is None or rule.act is None)
+
+    def apply(x, w):
+        x, w, bias = _promote(module, x, w, _bias(module))
+        if is_quantized(w):
+            y = served_dot_general(x, w, dims, kernel_shape, module.precision)
+        elif module.precision is None and _is_plain(x.ndim, dims):
+            n = len(axis)
+            lead, k = x.shape[: x.ndim - n], math.prod(x.shape[x.ndim - n :])
+            y = matmul_2d(x.reshape(-1, k), w.reshape(k, -1)).reshape(lead + features)
+        else:
+            y = lax.dot_general(x, w, dims, precision=module.precision)
+        return y if bias is None else y + jnp.reshape(bias, expanded + features)
+
+    return ops.Contraction(
+        inputs=inputs,
+        weight="kernel",
+        shape=kernel_shape,
+        weight_axes=contract_ind,
+        input_axes=axis,
+        batched=bool(batch_dims),
+        apply=apply,
     )
-    if not merged:
-        kernel = ops.as_kernel(kernel, kernel_shape)
-    bias = None
-    if module.use_bias:
-
-        def bias_init_wrap(rng, shape, dtype=jnp.float32):
-            flat = (int(np.prod(shape[:n_batch]) * np.prod(shape[-n_features:])),)
-            bias = module.bias_init(rng, flat, dtype)
-            if isinstance(bias, meta.AxisMetadata):
-                return meta.replace_boxed(bias, jnp.reshape(bias.unbox(), shape))
-            return jnp.reshape(bias, shape)
-
-        bias = module.param("bias", bias_init_wrap, batch_shape + features, module.param_dtype)
-    inputs, kernel, bias = _promote(module, inputs, kernel, bias)
-    dot_general = ops.quant_dot_general(module, config, rule, _base_dot_general(module))
-    if merged:
-        x = inputs.reshape(inputs.shape[: ndim - n_axis] + (-1,))
-        out = dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision)
-    else:
-        out = dot_general(
-            inputs,
-            kernel,
-            ((axis, contract_ind), (batch_dims, tuple(range(n_batch)))),
-            precision=module.precision,
-        )
-    if bias is not None:
-        expanded = tuple(
-            inputs.shape[a] if a in batch_dims else 1 for a in range(ndim) if a not in axis
-        )
-        out = out + jnp.reshape(bias, expanded + features)
-    return out
 
 
-def einsum_contracting(einsum_str: str) -> tuple[int, ...]:
-    """The kernel axes an ``'lhs,rhs->out'`` einsum sums over (in rhs and lhs, not in out)."""
-    lhs, rest = einsum_str.split(",")
-    rhs, out = rest.split("->")
-    if "." in rhs:
-        raise ValueError(f"einsum_str={einsum_str!r}: ellipsis in the kernel is not supported.")
-    return tuple(i for i, c in enumerate(rhs) if c in lhs and c not in out)
-
-
-def _matmul_einsum(einsum_str: str) -> int:
-    """``len(C)`` when ``einsum_str`` is ``'AC,CF->AF'`` (the kernel's leading axes are the
-    contracted ones, in the input's trailing order, and nothing else is shared), else 0."""
-    lhs, rest = einsum_str.split(",")
-    rhs, out = rest.split("->")
-    c = "".join(ch for ch in rhs if ch in lhs and ch not in out)
-    if not c or "." in einsum_str or not rhs.startswith(c) or not lhs.endswith(c):
-        return 0
-    a, f = lhs[: -len(c)], rhs[len(c) :]
-    if out != a + f or set(a) & set(f):
-        return 0
-    return len(c)
-
-
-def einsum(module, inputs, einsum_str, config: QuantConfig, role: str = "linear"):
-    """``nn.Einsum.__call__`` with quantization per ``config``."""
-    einsum_str = nn.module.merge_param("einsum_str", module.einsum_str, einsum_str)
+def _einsum_parts(einsum_str: str):
     einsum_str = einsum_str.replace(" ", "")
     if "->" not in einsum_str:
         raise ValueError('`einsum_str` equation must be explicit and include "->".')
@@ -159,122 +159,166 @@ def einsum(module, inputs, einsum_str, config: QuantConfig, role: str = "linear"
             "`einsum_str` equation must have exactly two operands and therefore, exactly one "
             f"comma character, instead of {einsum_str.count(',')}"
         )
-    rule = config.match(layer_path(module), role)
-    kernel = ops.layer_weight(
-        module,
-        "kernel",
-        module.kernel_init,
-        tuple(module.shape),
-        module.param_dtype,
-        einsum_contracting(einsum_str),
-        config,
-        rule,
-    )
-    n_contract = _matmul_einsum(einsum_str)
-    served = (
-        isinstance(kernel, QuantizedTensor) and n_contract and (rule is None or rule.act is None)
-    )
-    if isinstance(kernel, QuantizedTensor) and not served:  # jnp.einsum takes arrays: dequantize
-        kernel = kernel.dequantize(module.param_dtype).reshape(tuple(module.shape))
-    bias = None
-    if module.use_bias:
-        kernel_like = jax.ShapeDtypeStruct(tuple(module.shape), module.param_dtype)
-        bias_shape, broadcast_shape = nn.Einsum._get_bias_shape(
-            module, einsum_str, inputs, kernel_like
-        )
-        bias = module.param("bias", module.bias_init, bias_shape, module.param_dtype)
-    if served:  # x [..., C] @ w [C, F]: the kernel (or dequantize-then-matmul) via dot_general
-        inputs, _, bias = _promote(module, inputs, kernel, bias)
-        x = inputs.reshape(inputs.shape[: inputs.ndim - n_contract] + (-1,))
-        y = ops.quant_dot_general(module, config, rule)(
-            x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision
-        )
-        y = y.reshape(inputs.shape[: inputs.ndim - n_contract] + tuple(module.shape[n_contract:]))
-        return y if bias is None else y + jnp.reshape(bias, broadcast_shape)
-    inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
-    y = jnp.einsum(
-        einsum_str,
-        inputs,
-        kernel,
-        precision=module.precision,
-        preferred_element_type=module.preferred_element_type,
-        _dot_general=ops.quant_dot_general(module, config, rule),
-    )
-    if bias is not None:
-        y = y + jnp.reshape(bias, broadcast_shape)
-    return y
+    lhs, rest = einsum_str.split(",")
+    rhs, out = rest.split("->")
+    if "." in rhs:
+        raise ValueError(f"einsum_str={einsum_str!r}: ellipsis in the kernel is not supported.")
+    return einsum_str, lhs, rhs, out
 
 
-class QDenseGeneral(nn.DenseGeneral):
-    """``nn.DenseGeneral`` with a quantization config (see the module docstring)."""
+def _axes_of(spec: str, ndim: int) -> dict[str, int]:
+    """Letter -> axis of an operand spec that may hold one ``...``."""
+    if "..." not in spec:
+        return {c: i for i, c in enumerate(spec)}
+    head, tail = spec.split("...")
+    out = {c: i for i, c in enumerate(head)}
+    out.update({c: ndim - len(tail) + i for i, c in enumerate(tail)})
+    return out
+
+
+def einsum_contraction(module, args, kwargs) -> ops.Contraction:
+    """The contraction of ``nn.Einsum``: contracted letters are in both operands and not in
+    the output; a letter in both operands and the output is a batch axis. A frozen weight
+    serves a matmul-shaped equation (``'AC,CF->AF'``) through its ``dot_general``; other
+    equations dequantize it first."""
+    inputs = args[0]
+    einsum_str = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+    einsum_str = nn.module.merge_param("einsum_str", module.einsum_str, einsum_str)
+    einsum_str, lhs, rhs, out = _einsum_parts(einsum_str)
+    kernel_shape = tuple(module.shape)
+    if len(rhs) != len(kernel_shape):
+        raise ValueError(f"einsum_str={einsum_str!r}: the kernel has shape {kernel_shape}.")
+    in_axes = _axes_of(lhs, inputs.ndim)
+    contracted = [c for c in rhs if c in lhs and c not in out]
+    batched = any(c in lhs and c in out for c in rhs)
+    # the bias: the kernel's output letters, broadcast over the output's other axes
+    out_letters = re.findall(r"\.\.\.|.", out)
+    bias_shape = tuple(kernel_shape[rhs.index(c)] for c in out_letters if c in rhs)
+
+    def apply(x, w):
+        x, w, bias = _promote(module, x, w, _bias(module))
+        if is_quantized(w) and _is_matmul(lhs, rhs, out, contracted):
+            n = len(contracted)
+            x2 = x.reshape(x.shape[: x.ndim - n] + (-1,))
+            y = w.dot_general(
+                x2,
+                (((x2.ndim - 1,), (0,)), ((), ())),
+                module.precision,
+                module.preferred_element_type,
+            )
+            y = y.reshape(x.shape[: x.ndim - n] + kernel_shape[n:])
+        else:
+            if is_quantized(w):
+                w = w.dequantize(module.param_dtype).reshape(kernel_shape)
+                x, w, bias = module.promote_dtype(x, w, bias, dtype=module.dtype)
+            y = jnp.einsum(
+                einsum_str,
+                x,
+                w,
+                precision=module.precision,
+                preferred_element_type=module.preferred_element_type,
+            )
+        if bias is None:
+            return y
+        lead = y.ndim - (len(out_letters) - ("..." in out_letters))
+        shape = []
+        for c in out_letters:
+            if c == "...":
+                shape.extend([1] * lead)
+            else:
+                shape.append(kernel_shape[rhs.index(c)] if c in rhs else 1)
+        return y + jnp.reshape(bias.reshape(bias_shape), shape)
+
+    return ops.Contraction(
+        inputs=inputs,
+        weight="kernel",
+        shape=kernel_shape,
+        weight_axes=tuple(rhs.index(c) for c in contracted),
+        input_axes=tuple(in_axes[c] for c in contracted),
+        batched=batched,
+        apply=apply,
+    )
+
+
+def _is_matmul(lhs: str, rhs: str, out: str, contracted) -> bool:
+    """``'AC,CF->AF'``: the kernel's leading letters are the contracted ones, the input's
+    trailing ones in the same order, and nothing else is shared."""
+    c = "".join(contracted)
+    if not c or not rhs.startswith(c) or not lhs.endswith(c):
+        return False
+    a, f = lhs[: -len(c)], rhs[len(c) :]
+    return out == a + f and not set(a.replace(".", "")) & set(f)
+
+
+def contraction_of(module):
+    """The contraction function of a Flax layer type jaxquant quantizes, or None."""
+    if isinstance(module, (nn.Dense, nn.DenseGeneral)):
+        return dense_contraction
+    if isinstance(module, nn.Einsum):
+        return einsum_contraction
+    return None
+
+
+class QuantizedLayer(nn.Module):
+    """The quantized layers' one override: ``__call__`` runs per the ``quant`` config's mode
+    (``ops.quantized_call``), with Flax's own ``__call__`` in float and calibrate modes."""
 
     quant: QuantConfig | None = None
     role: str = "linear"
 
     @nn.compact
-    def __call__(self, inputs):
-        return dense_general(self, inputs, self.quant or _FLOAT, self.role)
+    def __call__(self, *args, **kwargs):
+        return ops.quantized_call(
+            self, self.quant, self.role, contraction_of(self), super().__call__, args, kwargs
+        )
 
 
-class QDense(nn.Dense):
+class QDense(QuantizedLayer, nn.Dense):
     """``nn.Dense`` with a quantization config (see the module docstring)."""
 
-    quant: QuantConfig | None = None
-    role: str = "linear"
 
-    @nn.compact
-    def __call__(self, inputs):
-        return dense_general(self, inputs, self.quant or _FLOAT, self.role)
+class QDenseGeneral(QuantizedLayer, nn.DenseGeneral):
+    """``nn.DenseGeneral`` with a quantization config (see the module docstring)."""
 
 
-class QEinsum(nn.Einsum):
+class QEinsum(QuantizedLayer, nn.Einsum):
     """``nn.Einsum`` with a quantization config (see the module docstring)."""
-
-    quant: QuantConfig | None = None
-    role: str = "linear"
-
-    @nn.compact
-    def __call__(self, inputs, einsum_str: str | None = None):
-        return einsum(self, inputs, einsum_str, self.quant or _FLOAT, self.role)
 
 
 class QEmbed(nn.Embed):
     """``nn.Embed`` with a quantization config; its role is ``'embedding'``.
 
     The table is quantized with scales shared along the feature axis (one scale, or one per
-    group, per row), which serves both the lookup and ``attend`` (a tied output head).
+    group, per row), which serves both the lookup and ``attend`` (a tied output head). Flax's
+    ``Embed`` makes its table in ``setup``, so that is what this layer overrides: the table is
+    the float param, its fake-quantized value (QAT) or the frozen one, dequantized (serve,
+    where the float table is not needed); ``__call__`` and ``attend`` are Flax's own.
     """
 
     quant: QuantConfig | None = None
 
     def setup(self):
-        config = self.quant or _FLOAT
-        rule = config.match(layer_path(self), "embedding")
-        self.embedding = ops.layer_weight(
-            self,
-            "embedding",
-            self.embedding_init,
-            (self.num_embeddings, self.features),
-            self.param_dtype,
-            (1,),
-            config,
-            rule,
+        config = self.quant or QuantConfig()
+        shape = (self.num_embeddings, self.features)
+        served = config.mode == "serve" and self.has_variable("quant", "embedding")
+        # Flax's own table param (not needed, and absent, once the table is frozen)
+        w = (
+            None
+            if served
+            else self.param("embedding", self.embedding_init, shape, self.param_dtype)
         )
-
-    def _table(self):
-        table = self.embedding
-        if isinstance(table, QuantizedTensor):
+        table, _ = ops.layer_weight(
+            self,
+            config,
+            "embedding",
+            "embedding",
+            shape,
+            (1,),
+            hessian=False,
+            float_weight=lambda: w,
+        )
+        if table is None:
+            table = w
+        elif is_quantized(table):
             table = table.dequantize(self.param_dtype)
-        return table
-
-    def __call__(self, inputs):
-        if not jnp.issubdtype(inputs.dtype, jnp.integer):
-            raise ValueError("Input type must be an integer or unsigned integer.")
-        (table,) = self.promote_dtype(self._table(), dtype=self.dtype, inexact=False)
-        if self.num_embeddings == 1:
-            return jnp.broadcast_to(table, inputs.shape + (self.features,))
-        return jnp.take(table, inputs, axis=0)
-
-    def attend(self, query):
-        query, table = self.promote_dtype(query, self._table(), dtype=self.dtype)
-        return jnp.dot(query, table.T)
+        self.embedding = table

@@ -1,223 +1,280 @@
-"""The quantized operations every layer shares: weights per mode, and a quantized dot_general.
+"""What every quantized layer shares: the weight per mode, input statistics, activation
+quantization, and the record of which rule quantizes which weight.
 
-A layer (ours, or a plain Flax one under ``intercept``) gets its weight with ``layer_weight``
-and contracts through ``quant_dot_general``, which has the exact ``lax.dot_general`` signature
-(so it plugs into ``jnp.einsum(_dot_general=...)`` and Flax's ``Dense(dot_general=...)``).
+A layer (ours, or a plain Flax one under ``intercept``) describes its matmul as a
+``Contraction`` (``layers``); ``quantized_call`` then runs it per the config's mode:
+
+  float:      the layer's own Flax ``__call__``.
+  calibrate:  records its input statistics, then the layer's own ``__call__``.
+  qat:        fake-quantizes the input (``act``) and the weight (``weight``), then contracts.
+  serve:      fake-quantizes the input (``act``) and contracts with the frozen weight from
+              ``'quant'`` through its ``dot_general`` (a Pallas kernel where one applies).
 
 Variables a quantized layer may own (besides Flax's own params):
-  'params'/<weight>_scale    LSQ's learned weight scale (QAT with ``lsq=True``).
-  'params'/input_scale       LSQ's learned activation scale.
-  'qstats'/hessian           f32 [K, K], ``sum x xᵀ`` over calibration rows (K = contracted size).
-  'qstats'/count             f32 [], rows seen.
-  'qstats'/absmax            f32 [], the largest input magnitude seen.
-  'params'/<weight>_codebook DKM's learned codebook (QAT with ``VQ(qat='dkm')``).
-  'quant'/<weight>           the frozen QArray or VQArray (freeze writes it, serve reads it).
+  'params'/<weight>_<name>  quantizer parameters QAT learns (``Quantizer.init_learned``): LSQ's
+                            ``kernel_scale``, DKM's ``kernel_codebook``.
+  'params'/input_<name>     the activation quantizer's learned parameters (``input_scale``).
+  'qstats'/hessian          f32 [K, K], ``sum x xᵀ`` over calibration rows (K = contracted size).
+  'qstats'/count            f32 [], rows seen.
+  'qstats'/absmax           f32 [], the largest input magnitude seen.
+  'quant'/<weight>          the frozen QuantizedTensor (``freeze`` / ``quantize_model`` make it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxquant.nn import kernels
-from jaxquant.nn.rules import QuantConfig, QuantRule, TensorQuant
-from jaxquant.numerics import QuantizedTensor, fake_quant, lsq_init_scale, quantize
-from jaxquant.vq import fake_quant_vq, quantize_vq
-from jaxquant.vq import vqarray as vqa
+from jaxquant.nn.rules import QuantConfig, layer_path
+from jaxquant.numerics import Quantizer, is_quantized
+
+_FLOAT = QuantConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """One quantizable weight as its layer saw it while traced.
+
+    Attributes:
+      path: the layer's module path (``layers_0/attn/query``).
+      weight: the weight's param name (``kernel``, ``embedding``).
+      role: ``'linear'``, ``'head'`` or ``'embedding'``.
+      rule: index in the config's rules of the first rule that matches, or None.
+      shape: the weight param's shape.
+      view_shape: the shape it is quantized in (consecutive contracted axes merged).
+      axis: the contracted axes of the view.
+      hessian: whether calibrate mode gathers the Hessian of its input (a matmul without batch
+        axes; an embedding lookup has none).
+    """
+
+    path: str
+    weight: str
+    role: str
+    rule: int | None
+    shape: tuple[int, ...]
+    view_shape: tuple[int, ...]
+    axis: tuple[int, ...]
+    hessian: bool
+
+    @property
+    def param_path(self) -> str:
+        """The weight's path in 'params' and 'quant' (``layers_0/attn/query/kernel``)."""
+        return f"{self.path}/{self.weight}" if self.path else self.weight
+
+
+@dataclasses.dataclass(frozen=True)
+class Contraction:
+    """A layer's matmul: what it multiplies, along which axes, and how.
+
+    Attributes:
+      inputs: the input array.
+      weight: the weight's param name.
+      shape: the weight's shape.
+      weight_axes: the weight's contracted axes.
+      input_axes: the input's contracted axes, in the order of ``weight_axes``.
+      batched: whether the matmul has batch axes (no single input Hessian then).
+      apply: ``(inputs, weight) -> output``: the layer's contraction and bias, for a float
+        weight of ``shape`` or a frozen ``QuantizedTensor`` (of ``shape`` or its view).
+    """
+
+    inputs: jax.Array
+    weight: str
+    shape: tuple[int, ...]
+    weight_axes: tuple[int, ...]
+    input_axes: tuple[int, ...]
+    batched: bool
+    apply: Callable[[jax.Array, Any], jax.Array]
+
+
+_RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "jaxquant_layer_recorder", default=None
+)
+
+
+@contextlib.contextmanager
+def record_layers():
+    """Collects a ``LayerInfo`` for every quantizable weight traced inside the block."""
+    infos: list[LayerInfo] = []
+    token = _RECORDER.set(infos)
+    try:
+        yield infos
+    finally:
+        _RECORDER.reset(token)
+
+
+def weight_view(shape, contracting) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(view_shape, view_axes): consecutive contracted axes merged into one.
+
+    A kernel ``[heads, head_dim, embed]`` contracted over (0, 1) is quantized as
+    ``[heads * head_dim, embed]``, the matrix a matmul kernel sees, so groups run across heads
+    (a group of 128 fits a head_dim of 64). Non-consecutive contracted axes stay as they are.
+    """
+    shape, contracting = tuple(shape), tuple(sorted(contracting))
+    if len(contracting) < 2 or contracting != tuple(range(contracting[0], contracting[-1] + 1)):
+        return shape, contracting
+    first, last = contracting[0], contracting[-1]
+    merged = math.prod(shape[a] for a in contracting)
+    return shape[:first] + (merged,) + shape[last + 1 :], (first,)
 
 
 def _need_mutable(module, collection: str, mode: str):
     if not module.is_mutable_collection(collection):
         raise ValueError(
             f"mode={mode!r} writes the {collection!r} collection: apply with "
-            f"mutable=[{collection!r}] (layer {'/'.join(map(str, module.scope.path))})."
+            f"mutable=[{collection!r}] (layer {layer_path(module)})."
         )
-
-
-def weight_view(shape, contracting) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(view_shape, view_contracting): consecutive contracting axes merged into one.
-
-    A kernel ``[heads, head_dim, embed]`` contracted over (0, 1) is quantized as
-    ``[heads * head_dim, embed]``, the matrix a matmul kernel sees, so groups run across heads
-    (a group of 128 fits a head_dim of 64). Non-consecutive contracting axes stay as they are.
-    """
-    shape, contracting = tuple(shape), tuple(sorted(contracting))
-    if len(contracting) < 2 or contracting != tuple(range(contracting[0], contracting[-1] + 1)):
-        return shape, contracting
-    first, last = contracting[0], contracting[-1]
-    merged = 1
-    for a in contracting:
-        merged *= shape[a]
-    return shape[:first] + (merged,) + shape[last + 1 :], (first,)
-
-
-def as_kernel(weight, shape):
-    """A weight in the kernel's own shape: arrays and same-shape QArrays pass through, a QArray
-    stored in its merged view is dequantized and reshaped."""
-    if isinstance(weight, QuantizedTensor) and tuple(weight.shape) != tuple(shape):
-        return weight.dequantize().reshape(shape)
-    return weight
 
 
 def layer_weight(
-    module,
-    name: str,
-    init_fn,
-    shape: tuple[int, ...],
-    param_dtype,
-    contracting: tuple[int, ...],
-    config: QuantConfig,
-    rule: QuantRule | None,
-) -> jax.Array | QuantizedTensor:
-    """The weight a layer computes with: float, fake-quantized, frozen, or the served QArray.
+    module, config: QuantConfig, role: str, name: str, shape, axes, *, hessian: bool, float_weight
+):
+    """The weight a layer computes with in ``config.mode``: float, fake-quantized (QAT), or
+    the frozen ``QuantizedTensor`` (serve); records its ``LayerInfo``.
 
-    ``contracting`` are the weight's axes that the layer's matmul sums over; the weight is
-    quantized in its ``weight_view`` (a frozen QArray has that shape; see ``as_kernel``).
+    Args:
+      module: the bound layer.
+      config: mode and rules.
+      role: the layer's role for rule matching.
+      name: the weight's param name.
+      shape: the weight's shape.
+      axes: its contracted axes.
+      hessian: whether calibrate mode gathers an input Hessian for it.
+      float_weight: ``() -> the float param``, called only when a rule matches in qat or
+        serve mode (and the weight is not frozen).
+
+    Returns:
+      ``(weight, rule)``: the matching ``QuantRule`` (or None) and the weight to contract
+      with: a QuantizedTensor of ``shape`` or its view (serve), the float or fake-quantized
+      array (qat, serve with activations only), or None where the layer's own Flax call runs.
     """
-    spec = rule.weight if rule is not None else None
-    view_shape, view_contracting = weight_view(shape, contracting)
-    path = "/".join(map(str, module.scope.path))
+    path = layer_path(module)
+    index = config.match_index(path, role)
+    rule = None if index is None else config.rules[index]
+    view_shape, view_axes = weight_view(shape, axes)
+    recorder = _RECORDER.get()
+    if recorder is not None:
+        recorder.append(
+            LayerInfo(path, name, role, index, tuple(shape), view_shape, view_axes, hessian)
+        )
     if config.mode == "serve" and module.has_variable("quant", name):
         q = module.get_variable("quant", name)
-        if tuple(q.shape) != view_shape:
+        if tuple(q.shape) not in (tuple(shape), view_shape):
             raise ValueError(
                 f"serve: frozen {name!r} of {path} has shape {q.shape}, the layer needs "
-                f"{view_shape} (its kernel {tuple(shape)} with contracting axes merged)."
+                f"{view_shape} (its weight {tuple(shape)} with contracted axes merged)."
             )
-        return q
-    if config.mode == "serve" and spec is not None:
+        return q, rule
+    if config.mode == "serve" and rule is not None and rule.weight is not None:
         raise ValueError(
-            f"serve: no frozen {name!r} in the 'quant' collection for layer {path}, which a rule "
-            "quantizes; run freeze first."
+            f"serve: no frozen {name!r} in the 'quant' collection for layer {path!r}, which rule "
+            f"{index} (QuantRule({rule.path!r})) quantizes; run freeze or quantize_model first."
         )
-    w = module.param(name, init_fn, shape, param_dtype)
-    if spec is None or config.mode in ("float", "calibrate"):
-        return w
+    if rule is None or config.mode not in ("qat", "serve"):
+        return None, rule  # the layer's own Flax call reads its weight
+    w = nn.unbox(float_weight())
+    if w is None or tuple(w.shape) != tuple(shape):
+        raise ValueError(
+            f"{path}: param {name!r} is {None if w is None else tuple(w.shape)}, the layer "
+            f"needs shape {tuple(shape)}."
+        )
+    if rule.weight is None or config.mode != "qat":
+        return w, rule
     wv = w.reshape(view_shape)
-    if spec.is_vq:
-        return _vq_weight(module, name, w, wv, view_contracting, config, spec.format, path)
-    fmt, scaling = spec.resolve(view_contracting, wv.ndim)
-    if config.mode == "qat":
-        if spec.lsq:
-            scale = module.param(f"{name}_scale", lambda _: lsq_init_scale(wv, fmt, scaling))
-            return fake_quant(wv, fmt, scaling, scale=scale).reshape(shape)
-        return fake_quant(wv, fmt, scaling, calibration=spec.calibration).reshape(shape)
-    # freeze: with the learned scale when LSQ trained one
-    _need_mutable(module, "quant", "freeze")
-    scale = None
-    if spec.lsq:
-        if not module.has_variable("params", f"{name}_scale"):
-            raise ValueError(
-                f"freeze: the rule for {path} has lsq=True but params has no {name}_scale: "
-                "train with it in QAT mode first."
-            )
-        scale = module.get_variable("params", f"{name}_scale")
-    q = quantize(wv, fmt, scaling, calibration=spec.calibration, scale=scale)
-    module.put_variable("quant", name, q)
-    return q
+    learned = _learned(module, rule.weight, name, wv, view_axes)
+    return rule.weight.fake_quant(wv, axis=view_axes, learned=learned).reshape(shape), rule
 
 
-def _vq_weight(module, name, w, wv, view_contracting, config, recipe, path):
-    """QAT (straight-through or DKM) and freeze for a ``VQ`` recipe; the view must contract
-    over its axis 0 (a ``[K, *rest]`` matrix view)."""
-    if tuple(view_contracting) != (0,):
-        raise ValueError(
-            f"{recipe.name} on {name!r} of {path}: vector quantization needs the weight's "
-            f"contracted axes leading (view contracted over axis 0), got axes {view_contracting}."
-        )
-    if recipe.qat == "dkm":
-        # DKM: unit-space weights (scales from the current weights, no gradient through them)
-        # softly assigned to a learned codebook param, initialized by k-means.
-        w2 = vqa.as_matrix(wv)
-        g = recipe.group_size or w2.shape[0]
-        full = lax.stop_gradient(
-            vqa.expand_scale(vqa.group_rms_scale(w2, recipe), *w2.shape[:1], g)
-        )
-        x2 = w2 / full
-        codebook = module.param(
-            f"{name}_codebook",
-            lambda key: vqa.fit_codebook(
-                lax.stop_gradient(x2), recipe, jax.random.key(recipe.seed)
-            ),
-        )
-        if config.mode == "qat":
-            return (vqa.dkm_fake_quant_matrix(x2, codebook, recipe) * full).reshape(w.shape)
-        codebook = vqa.dkm_final_codebook(x2, codebook, recipe)
-    else:
-        if config.mode == "qat":
-            return fake_quant_vq(wv, recipe).reshape(w.shape)
-        codebook = None
-    _need_mutable(module, "quant", "freeze")
-    q = quantize_vq(wv, recipe, codebook=codebook)
-    module.put_variable("quant", name, q)
-    return q
+def _learned(module, quantizer: Quantizer, prefix: str, x, axis) -> dict:
+    """The quantizer's learned params of ``x``, as ``'params'/<prefix>_<name>``."""
+    out = {}
+    for key in quantizer.learned_names:
+        init = lambda _, key=key: quantizer.init_learned(lax.stop_gradient(x), axis=axis)[key]  # noqa: E731
+        out[key] = module.param(f"{prefix}_{key}", init)
+    return out
 
 
-def _record_input_stats(module, lhs, contracting, batch):
-    """Accumulates sum x xᵀ, the row count and absmax of the contracted input in 'qstats'."""
+def record_input_stats(module, x, axes, batched: bool) -> None:
+    """Accumulates ``sum x xᵀ``, the row count and absmax of the contracted input in 'qstats'
+    (the Hessian rows flatten the contracted axes in the order of ``axes``)."""
     _need_mutable(module, "qstats", "calibrate")
-    x = lax.stop_gradient(lhs).astype(jnp.float32)
+    x = lax.stop_gradient(x).astype(jnp.float32)
     absmax = module.variable("qstats", "absmax", lambda: jnp.zeros((), jnp.float32))
     absmax.value = jnp.maximum(absmax.value, jnp.max(jnp.abs(x)))
-    if batch:  # a batched contraction (attention-like): no single input Hessian
+    if batched:  # a batched contraction (attention-like): no single input Hessian
         return
-    rest = [a for a in range(x.ndim) if a not in contracting]
-    k = 1
-    for a in contracting:
-        k *= x.shape[a]
-    rows = jnp.transpose(x, rest + list(contracting)).reshape(-1, k)  # [tokens, K]
+    rest = [a for a in range(x.ndim) if a not in axes]
+    k = math.prod(x.shape[a] for a in axes)
+    rows = jnp.transpose(x, rest + list(axes)).reshape(-1, k)  # [tokens, K]
     hessian = module.variable("qstats", "hessian", lambda: jnp.zeros((k, k), jnp.float32))
     count = module.variable("qstats", "count", lambda: jnp.zeros((), jnp.float32))
     hessian.value = hessian.value + rows.T @ rows
     count.value = count.value + rows.shape[0]
 
 
-def _quant_input(module, lhs, contracting, spec: TensorQuant):
-    fmt, scaling = spec.resolve(contracting, lhs.ndim)
-    if spec.lsq:
-        if scaling.axis is not None:
-            raise ValueError(
-                f"act {spec.name}: LSQ learns one static scale, so activations need per-tensor "
-                "scaling (Scaling()); dynamic per-token scales are calibrated, not learned."
-            )
-        scale = module.param(
-            "input_scale", lambda _: lsq_init_scale(lax.stop_gradient(lhs), fmt, scaling)
-        )
-        return fake_quant(lhs, fmt, scaling, scale=scale)
-    return fake_quant(lhs, fmt, scaling, calibration=spec.calibration)
+def quantize_input(module, x, axes, quantizer: Quantizer):
+    """The activation quantizer's quantize-dequantize of the input along its contracted axes
+    (its learned params as ``'params'/input_<name>``)."""
+    if quantizer.learned_names:
+        # A learned parameter must not depend on the batch: per-token scales are calibrated on
+        # each call, only what is shared over the non-contracted axes can be learned.
+        shapes = jax.eval_shape(lambda x: quantizer.init_learned(x, axis=axes), x)
+        for name, shape in shapes.items():
+            batch = [d for a, d in enumerate(shape.shape) if a not in axes and d > 1]
+            if len(shape.shape) == x.ndim and batch:
+                raise ValueError(
+                    f"act {quantizer.name} of {layer_path(module)}: its learned {name!r} of shape "
+                    f"{shape.shape} would change with the batch; LSQ learns one static scale, so "
+                    "activations need per-tensor scaling (Scaling()): dynamic per-token scales "
+                    "are calibrated, not learned."
+                )
+    learned = _learned(module, quantizer, "input", x, axes)
+    return quantizer.fake_quant(x, axis=axes, learned=learned)
 
 
-def quant_dot_general(module, config: QuantConfig, rule: QuantRule | None, base=None):
-    """A ``lax.dot_general`` that quantizes for ``module`` per ``config.mode``.
+def quantized_call(
+    module, config: QuantConfig | None, role: str, contraction, flax_call, args, kwargs
+):
+    """Runs a layer per ``config.mode`` (module docstring).
 
-    * calibrate: records the input statistics (if a rule matches, or the config has no rules);
-    * qat, freeze, serve: fake-quantizes the input (lhs) when the rule has ``act``;
-    * a QArray rhs (serve) goes to ``kernels.qarray_dot_general``: the Pallas low-bit matmul
-      when it reads the QArray, else dequantize to the input's dtype, then ``lax.dot_general``
-      (a module's own ``dot_general`` is not used for QArray weights); a VQArray goes to
-      ``jaxquant.vq.vq_matmul`` (``codebook_matmul``) the same way.
+    Args:
+      module: the bound layer.
+      config: mode and rules (None: float).
+      role: the layer's role.
+      contraction: ``(module, args, kwargs) -> Contraction`` for this layer type.
+      flax_call: the layer's own Flax ``__call__`` (bound), run in float and calibrate modes
+        and at initialization (so params are created exactly as Flax creates them).
+      args, kwargs: the call's arguments.
     """
-    base = lax.dot_general if base is None else base
-    act = rule.act if rule is not None else None
-    record = config.mode == "calibrate" and (rule is not None or not config.rules)
-
-    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-        (lhs_contract, _), (lhs_batch, _) = dimension_numbers
-        if record:
-            _record_input_stats(module, lhs, tuple(lhs_contract), tuple(lhs_batch))
-        if act is not None and config.mode in ("qat", "freeze", "serve"):
-            lhs = _quant_input(module, lhs, tuple(lhs_contract), act)
-        if isinstance(rhs, QuantizedTensor):  # serve: a kernel, or dequantize then matmul
-            return kernels.qarray_dot_general(
-                lhs, rhs, dimension_numbers, precision, preferred_element_type
-            )
-        return base(
-            lhs,
-            rhs,
-            dimension_numbers,
-            precision=precision,
-            preferred_element_type=preferred_element_type,
-        )
-
-    return dot_general
+    config = _FLOAT if config is None else config
+    c = contraction(module, args, kwargs)
+    if config.mode in ("qat", "serve") and module.is_initializing():
+        flax_call(*args, **kwargs)  # Flax's own params first; QAT's then join them
+    weight, rule = layer_weight(
+        module,
+        config,
+        role,
+        c.weight,
+        c.shape,
+        c.weight_axes,
+        hessian=not c.batched,
+        float_weight=lambda: module.get_variable("params", c.weight),
+    )
+    if config.mode in ("float", "calibrate"):
+        if config.mode == "calibrate" and (rule is not None or not config.rules):
+            record_input_stats(module, c.inputs, c.input_axes, c.batched)
+        return flax_call(*args, **kwargs)
+    if rule is None and not is_quantized(weight):
+        return flax_call(*args, **kwargs)
+    x = c.inputs
+    if rule is not None and rule.act is not None:
+        x = quantize_input(module, x, c.input_axes, rule.act)
+    return c.apply(x, weight)

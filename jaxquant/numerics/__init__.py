@@ -1,14 +1,17 @@
-"""jaxquant.numerics: element formats, scaling, calibration, rounding, packing and QArray.
+"""jaxquant.numerics: element formats, scaling, calibration, QArray, and the quantizer protocol.
 
-Top-level ``INT4``, ``INT8``, ``NF4``, ... are presets (format + scaling); the bare element
-formats are ``IntFormat(bits)``, ``E4M3``, ``E2M1``, ``LookupFormat.normal_float(4)``, ...
+A ``Quantizer`` says how a tensor is quantized; ``ScalarQuantizer`` is the scalar one (an
+element format and its scaling, calibration and QAT mode), and ``INT4``, ``INT4_G128``,
+``MXFP4``, ``NVFP4``, ``NF4``, ... are named instances (presets). The bare element formats are
+``IntFormat(bits)``, ``E4M3``, ``E2M1``, ``LookupFormat.normal_float(4)``, ...
 
-The two entry points everything builds on are ``quantize(x, fmt, ...) -> QArray`` and
-``fake_quant(x, fmt, ...)``; ``fmt`` is a ``Format`` or a named ``Preset``.
+The two entry points everything builds on are ``quantize(x, quantizer, ...)`` (a
+``QuantizedTensor``: here a ``QArray``) and ``fake_quant(x, quantizer, ...)``; with a Hessian,
+``quantize`` runs GPTQ (``gptq``). ``get_quantizer(name)`` parses every registry name.
 """
 
+from jaxquant.numerics.api import fake_quant, quantize
 from jaxquant.numerics.calibration import Calibration
-from jaxquant.numerics.fake_quant import fake_quant, lsq_init_scale
 from jaxquant.numerics.formats import (
     E2M1,
     E2M3,
@@ -23,6 +26,9 @@ from jaxquant.numerics.formats import (
     IntFormat,
     LookupFormat,
 )
+from jaxquant.numerics.gptq import babai_error_bound, babai_nearest_plane, babai_order, gptq
+from jaxquant.numerics.hessian import DampedHessian, damp_hessian, layer_error
+from jaxquant.numerics.kernel_options import KernelOptions, kernel_options
 from jaxquant.numerics.presets import (
     FP4_AFPQ_G128,
     FP8_E4M3,
@@ -41,15 +47,16 @@ from jaxquant.numerics.presets import (
     NF4,
     NVFP4,
     PRESETS,
-    Preset,
-    get_preset,
 )
-from jaxquant.numerics.qarray import QArray, QuantizedTensor, quantize
+from jaxquant.numerics.qarray import QArray, QuantizedTensor, is_quantized
+from jaxquant.numerics.quantizer import Quantizer, get_quantizer
+from jaxquant.numerics.scalar import ScalarQuantizer, as_quantizer
 from jaxquant.numerics.scaling import Scaling
 from pallas_kernels.packing import pack, packed_length, unpack
 
 __all__ = [
     "Calibration",
+    "DampedHessian",
     "E2M1",
     "E2M3",
     "E3M2",
@@ -60,15 +67,14 @@ __all__ = [
     "FP8_E5M2",
     "FloatFormat",
     "Format",
-    "INT2",
     "INT2_G128",
-    "INT3",
     "INT3_G128",
     "INT4",
     "INT4_G128",
     "INT4_G128_ASYM",
     "INT8",
     "IntFormat",
+    "KernelOptions",
     "LookupFormat",
     "MXFP4",
     "MXFP6",
@@ -79,15 +85,24 @@ __all__ = [
     "NF4_VALUES",
     "NVFP4",
     "PRESETS",
-    "Preset",
     "QArray",
+    "Quantizer",
     "QuantizedTensor",
+    "ScalarQuantizer",
     "Scaling",
     "UINT4",
     "UINT8",
+    "as_quantizer",
+    "babai_error_bound",
+    "babai_nearest_plane",
+    "babai_order",
+    "damp_hessian",
     "fake_quant",
-    "get_preset",
-    "lsq_init_scale",
+    "get_quantizer",
+    "gptq",
+    "is_quantized",
+    "kernel_options",
+    "layer_error",
     "pack",
     "packed_length",
     "quantize",

@@ -1,4 +1,5 @@
-"""Quantize-dequantize for training: straight-through and LSQ gradients.
+"""Quantize-dequantize for training: straight-through and LSQ gradients (the element-level
+functions behind ``ScalarQuantizer.fake_quant``).
 
 Terminology:
   STE:  straight-through estimator. The forward pass is ``dequantize(quantize(x))``; the backward
@@ -15,13 +16,14 @@ Terminology:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from jaxquant.numerics import calibration as calibration_lib
 from jaxquant.numerics import formats as formats_lib
 from jaxquant.numerics import scaling as scaling_lib
-from jaxquant.numerics.qarray import check_input, resolve
 
 
 @jax.custom_vjp
@@ -47,71 +49,84 @@ def _round_ste(y: jax.Array, fmt, rounding, key) -> jax.Array:
     return jax.lax.stop_gradient(fmt.round(y, rounding, key)) + (y - jax.lax.stop_gradient(y))
 
 
-def fake_quant(
+def ste(
     x: jax.Array,
-    fmt,
-    scaling: scaling_lib.Scaling | None = None,
-    *,
-    scale: jax.Array | None = None,
-    calibration: str | calibration_lib.Calibration = "absmax",
+    fmt: formats_lib.Format,
+    scaling: scaling_lib.Scaling,
+    calibration: calibration_lib.Calibration,
     rounding: formats_lib.Rounding = "nearest",
     key: jax.Array | None = None,
 ) -> jax.Array:
-    """Quantize-dequantize ``x`` with a straight-through gradient, or LSQ when ``scale`` is given.
-
-    The forward value equals ``quantize(x, ...).dequantize()`` (STE mode) bit for bit.
+    """Quantize-dequantize ``x`` with calibrated scales and the clipped straight-through
+    gradient; the forward value equals ``ScalarQuantizer.quantize(x).dequantize()`` bit for bit.
 
     Args:
-      x: float array.
-      fmt: a format or a preset (see ``quantize``).
-      scaling: overrides a preset's scaling.
-      scale: None for STE with calibrated scales; or a learnable f32 scale of shape
-        ``scaling.scale_shape(x.shape)`` for LSQ (symmetric scalings only; the scale is used as
-        f32, whatever ``scale_dtype`` says). ``lsq_init_scale`` gives the paper's initial value.
-      calibration, rounding, key: as in ``quantize`` (calibration is unused with ``scale``).
+      x: float array (checked by the caller), with ``scaling.block_view(x.shape)`` valid.
+      fmt, scaling, calibration, rounding, key: the recipe (``ScalarQuantizer``).
 
     Returns:
       An array like ``x``.
     """
-    fmt, scaling = resolve(fmt, scaling)
-    x = check_input(x)
-    scaling.check_format(fmt)
-    formats_lib.check_rounding(rounding, key)
     view_shape, reduce_axes = scaling.block_view(x.shape)
     xv = x.astype(jnp.float32).reshape(view_shape)
-    if scale is None:
-        xs = jax.lax.stop_gradient(xv)
-        calibration = calibration_lib.as_calibration(calibration)
-        lo, hi, t = calibration_lib.calibrate(xs, reduce_axes, fmt, scaling, calibration)
-        stored = scaling_lib.scales_from_range(lo, hi, fmt, scaling, t)
-        s = scaling_lib.effective_scale(stored, scaling)
-        y = scaling_lib.divide(xs, s, stored.zero, scaling)
-        deq = scaling_lib.multiply(fmt.round(y, rounding, key), s, stored.zero, scaling)
-        # Clipped STE: gradient 1 where x was representable, 0 where it saturated.
-        inside = (y >= fmt.min_value) & (y <= fmt.max_value)
-        x_in = jnp.where(inside, xv, xs)
-        out = deq + (x_in - jax.lax.stop_gradient(x_in))  # exactly deq forward
-    else:
-        if scaling.zero_point or scaling.split_sign:
-            raise ValueError("fake_quant scale= (LSQ) supports symmetric scalings only.")
-        expected = scaling.scale_shape(x.shape)
-        if tuple(scale.shape) != expected:
-            raise ValueError(
-                f"fake_quant scale: expected shape {expected} for x of shape {x.shape} and "
-                f"{scaling}, got {tuple(scale.shape)}."
-            )
-        block = scaling.block_size(x.shape)
-        s = _grad_scale(scale.astype(jnp.float32), 1.0 / (block * fmt.max_value) ** 0.5)
-        s = scaling_lib.broadcastable(s, view_shape, reduce_axes, False)
-        y = jnp.clip(xv / s, fmt.min_value, fmt.max_value)
-        out = _round_ste(y, fmt, rounding, key) * s
+    out = _ste_view(xv, key, fmt, scaling, calibration, rounding, tuple(reduce_axes))
     return out.reshape(x.shape).astype(x.dtype)
 
 
-def lsq_init_scale(x: jax.Array, fmt, scaling: scaling_lib.Scaling | None = None) -> jax.Array:
+# A custom gradient rather than ``deq + (x − stop_gradient(x))``: the forward pass is the
+# quantize-dequantize alone, and the backward one masked select (no recomputed arithmetic).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _ste_view(xv, key, fmt, scaling, calibration, rounding, reduce_axes):
+    return _ste_view_fwd(xv, key, fmt, scaling, calibration, rounding, reduce_axes)[0]
+
+
+def _ste_view_fwd(xv, key, fmt, scaling, calibration, rounding, reduce_axes):
+    lo, hi, t = calibration_lib.calibrate(xv, reduce_axes, fmt, scaling, calibration)
+    stored = scaling_lib.scales_from_range(lo, hi, fmt, scaling, t)
+    s = scaling_lib.effective_scale(stored, scaling)
+    y = scaling_lib.divide(xv, s, stored.zero, scaling)
+    deq = scaling_lib.multiply(fmt.round(y, rounding, key), s, stored.zero, scaling)
+    # Clipped STE: gradient 1 where x was representable, 0 where it saturated.
+    return deq, (y >= fmt.min_value) & (y <= fmt.max_value)
+
+
+def _ste_view_bwd(fmt, scaling, calibration, rounding, reduce_axes, inside, g):
+    del fmt, scaling, calibration, rounding, reduce_axes
+    return jnp.where(inside, g, jnp.zeros((), g.dtype)), None
+
+
+_ste_view.defvjp(_ste_view_fwd, _ste_view_bwd)
+
+
+def lsq(
+    x: jax.Array,
+    fmt: formats_lib.Format,
+    scaling: scaling_lib.Scaling,
+    scale: jax.Array,
+    rounding: formats_lib.Rounding = "nearest",
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """Quantize-dequantize ``x`` with a learned f32 ``scale`` of shape
+    ``scaling.scale_shape(x.shape)`` and LSQ's gradients (module docstring); symmetric
+    scalings only (checked by ``ScalarQuantizer``)."""
+    expected = scaling.scale_shape(x.shape)
+    if tuple(scale.shape) != expected:
+        raise ValueError(
+            f"LSQ scale: expected shape {expected} for x of shape {x.shape} and {scaling}, got "
+            f"{tuple(scale.shape)}."
+        )
+    view_shape, reduce_axes = scaling.block_view(x.shape)
+    xv = x.astype(jnp.float32).reshape(view_shape)
+    block = scaling.block_size(x.shape)
+    s = _grad_scale(scale.astype(jnp.float32), 1.0 / (block * fmt.max_value) ** 0.5)
+    s = scaling_lib.broadcastable(s, view_shape, reduce_axes, False)
+    y = jnp.clip(xv / s, fmt.min_value, fmt.max_value)
+    out = _round_ste(y, fmt, rounding, key) * s
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def lsq_init_scale(x: jax.Array, fmt, scaling: scaling_lib.Scaling) -> jax.Array:
     """LSQ's initial scale ``2 · mean|x| / sqrt(Qp)`` per block: f32 [scale_shape]."""
-    fmt, scaling = resolve(fmt, scaling)
-    x = check_input(x)
     view_shape, reduce_axes = scaling.block_view(x.shape)
     xv = jnp.abs(x.astype(jnp.float32).reshape(view_shape))
     s = 2 * jnp.mean(xv, axis=reduce_axes) * scaling_lib.reciprocal(fmt.max_value**0.5)

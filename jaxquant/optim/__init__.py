@@ -24,7 +24,7 @@ from jaxquant.optim.maps import dynamic_map, linear_map
 from jaxquant.optim.momentum import MomentumState, lion, scale_by_lion, sgd, trace
 from jaxquant.optim.shampoo import ScaleByShampooState, scale_by_shampoo, shampoo
 from jaxquant.optim.state import (
-    QuantizedState,
+    QuantizedMoment,
     StateQuantizer,
     bytes_per_param,
     dequantize_state,
@@ -32,15 +32,15 @@ from jaxquant.optim.state import (
     state_nbytes,
 )
 from jaxquant.optim.storage import RECIPES, FactoredMoment, MomentStorage, moment_storage
-from jaxquant.optim.wrap import QuantizedOptState, quantized_state
+from jaxquant.optim.wrap import CompressedState, quantized_state
 
 __all__ = [
     "RECIPES",
     "FactoredMoment",
     "MomentStorage",
     "MomentumState",
-    "QuantizedOptState",
-    "QuantizedState",
+    "CompressedState",
+    "QuantizedMoment",
     "ScaleByAdamState",
     "StateQuantizer",
     "adam",

@@ -22,7 +22,7 @@ from jaxquant.optim import storage as storage_lib
 
 class ScaleByAdamState(NamedTuple):
     """State of ``scale_by_adam``: moments mirror the params' tree, each leaf an f32 array, a
-    ``QuantizedState`` or (second moment, ``'factorized'``) a ``FactoredMoment``."""
+    ``QuantizedMoment`` or (second moment, ``'factorized'``) a ``FactoredMoment``."""
 
     count: jax.Array  # int32 []
     mu: optax.Updates
@@ -117,7 +117,7 @@ def scale_by_adam(
             return u.astype(g.dtype), store.store_first(mu, k1), nu_stored
 
         # mu and nu have the updates' structure down to its leaves, where they may hold a
-        # QuantizedState or FactoredMoment subtree: tree.map hands that subtree to `step` whole.
+        # QuantizedMoment or FactoredMoment subtree: tree.map hands that subtree to `step` whole.
         keys = store.keys(updates, count)
         out = jax.tree.map(step, updates, state.mu, state.nu, keys, is_leaf=lambda x: x is None)
         new_updates, mu, nu = _unzip(updates, out, 3)

@@ -19,7 +19,7 @@ from jaxquant.optim import storage as storage_lib
 
 class MomentumState(NamedTuple):
     """State of ``scale_by_lion`` and ``trace``: the momentum mirrors the params' tree, each
-    leaf an f32 array or a ``QuantizedState``."""
+    leaf an f32 array or a ``QuantizedMoment``."""
 
     count: jax.Array  # int32 []
     mu: optax.Updates

@@ -26,7 +26,7 @@ from jax import lax
 from jaxquant.numerics.formats import LookupFormat
 from jaxquant.numerics.qarray import QArray
 from jaxquant.optim import storage as storage_lib
-from jaxquant.optim.state import QuantizedState, StateQuantizer, linear_format
+from jaxquant.optim.state import QuantizedMoment, StateQuantizer, linear_format
 
 STATE_BITS = (32, 4)
 GRAFTINGS = ("adam",)
@@ -411,7 +411,7 @@ def scale_by_shampoo(
         do_root = (count - 1) % preconditioner_interval == 0
 
         grads, treedef = jax.tree.flatten(updates)
-        is_stored = lambda x: isinstance(x, (QuantizedState, storage_lib.FactoredMoment))  # noqa: E731
+        is_stored = lambda x: isinstance(x, (QuantizedMoment, storage_lib.FactoredMoment))  # noqa: E731
         mus = jax.tree.leaves(state.mu, is_leaf=is_stored)
         nus = jax.tree.leaves(state.nu, is_leaf=is_stored)
         pres = treedef.flatten_up_to(state.preconditioners)

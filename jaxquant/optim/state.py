@@ -23,9 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxquant.numerics import QArray, ScalarQuantizer, Scaling
 from jaxquant.numerics import formats as formats_lib
-from jaxquant.numerics.qarray import QArray, quantize
-from jaxquant.numerics.scaling import Scaling
 from jaxquant.optim.maps import dynamic_map, linear_map
 from pallas_kernels import packing
 
@@ -33,7 +32,7 @@ NORMALIZATIONS = ("block", "rank1")
 
 
 @struct.dataclass
-class QuantizedState:
+class QuantizedMoment:
     """A state stored in a few bits: codes on a map, times a normalization.
 
     Two normalizations (``StateQuantizer.normalization``):
@@ -123,8 +122,8 @@ class StateQuantizer:
         if not isinstance(self.fmt, formats_lib.Format):
             raise ValueError(f"StateQuantizer fmt={self.fmt!r}: expected a numerics Format.")
 
-    def quantize(self, x: jax.Array, key: jax.Array | None = None) -> QuantizedState:
-        """``x`` (any shape, cast to f32) as a QuantizedState.
+    def quantize(self, x: jax.Array, key: jax.Array | None = None) -> QuantizedMoment:
+        """``x`` (any shape, cast to f32) as a QuantizedMoment.
 
         Nearest rounding, or with a PRNG ``key`` stochastic rounding between the two
         neighbouring map values (unbiased: ``E[x̂] = x`` within the block's range).
@@ -140,18 +139,18 @@ class StateQuantizer:
             )
             n = _rank1_scale(axis_max)
             y = jnp.where(n > 0, x / jnp.where(n > 0, n, 1.0), 0.0)
-            scaling = Scaling()
-            scale = jnp.ones(scaling.scale_shape(shape))
-            q = quantize(y, self.fmt, scaling, scale=scale, rounding=rounding, key=key)
-            return QuantizedState(q=q, shape=shape, axis_max=axis_max)
+            quantizer = ScalarQuantizer(self.fmt, Scaling(), rounding=rounding)
+            scale = jnp.ones(Scaling().scale_shape(shape))  # y is normalized already
+            q = quantizer.quantize(y, learned={"scale": scale}, key=key)
+            return QuantizedMoment(q=q, shape=shape, axis_max=axis_max)
         flat = x.reshape(-1)
         padded = max(1, math.ceil(flat.size / self.block_size)) * self.block_size
         flat = jnp.pad(flat, (0, padded - flat.size))
         scaling = Scaling(axis=0, group_size=self.block_size)
-        q = quantize(flat, self.fmt, scaling, rounding=rounding, key=key)
+        q = ScalarQuantizer(self.fmt, scaling, rounding=rounding).quantize(flat, key=key)
         if self.sign_nudge:
             q = _sign_nudge(q, flat)
-        return QuantizedState(q=q, shape=shape)
+        return QuantizedMoment(q=q, shape=shape)
 
 
 def dynamic_quantizer(signed: bool, bits: int = 8, block_size: int = 256) -> StateQuantizer:
@@ -161,10 +160,11 @@ def dynamic_quantizer(signed: bool, bits: int = 8, block_size: int = 256) -> Sta
 
 def quantize_state(
     x: jax.Array, *, signed: bool, bits: int = 8, block_size: int = 256
-) -> QuantizedState:
+) -> QuantizedMoment:
     """Quantizes a state block-wise onto the dynamic map, bitsandbytes-style.
 
-    ``x`` is flattened, zero-padded to whole blocks and quantized by ``numerics.quantize``:
+    ``x`` is flattened, zero-padded to whole blocks and quantized by ``numerics.quantize``
+    (a ``ScalarQuantizer``):
     per block ``s = max |x|``, ``code = argmin_i |m_i - x / s|`` (nearest map value). An
     unsigned map saturates negative values at 0. (``dynamic_quantizer(signed, bits,
     block_size).quantize(x)``; other maps and normalizations: ``StateQuantizer``.)
@@ -183,7 +183,7 @@ def quantize_state(
       block_size: elements per absmax scale.
 
     Returns:
-      A QuantizedState: ``ceil(x.size / block_size) * block_size`` codes of ``bits`` bits and
+      A QuantizedMoment: ``ceil(x.size / block_size) * block_size`` codes of ``bits`` bits and
       as many f32 scales as blocks.
 
     Example:
@@ -208,15 +208,15 @@ def _sign_nudge(q: QArray, x: jax.Array) -> QArray:
     return q.replace(codes=packing.pack(codes.astype(jnp.uint8), q.format.bits))
 
 
-def dequantize_state(q: QuantizedState) -> jax.Array:
-    """The f32 state a QuantizedState stands for, of its original shape."""
+def dequantize_state(q: QuantizedMoment) -> jax.Array:
+    """The f32 state a QuantizedMoment stands for, of its original shape."""
     return q.dequantize()
 
 
 def state_nbytes(tree) -> int:
     """Exact bytes of every array in an optimizer state (or any pytree).
 
-    QArrays and QuantizedStates count their packed codes and their scales (padding included),
+    QArrays and QuantizedMoments count their packed codes and their scales (padding included),
     float and integer arrays ``size * itemsize`` (the step ``count`` too). Works on concrete
     arrays and on ``jax.eval_shape`` results.
     """

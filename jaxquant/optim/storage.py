@@ -35,7 +35,7 @@ from flax import struct
 
 from jaxquant.numerics import formats as formats_lib
 from jaxquant.optim.state import (
-    QuantizedState,
+    QuantizedMoment,
     StateQuantizer,
     dynamic_format,
     dynamic_quantizer,
@@ -120,7 +120,7 @@ class MomentStorage:
         return math.prod(x.shape) >= self.min_quantized_size
 
     def store_first(self, x: jax.Array, key: jax.Array | None = None):
-        """f32 ``x`` as stored: f32 array or QuantizedState (``key``: stochastic rounding)."""
+        """f32 ``x`` as stored: f32 array or QuantizedMoment (``key``: stochastic rounding)."""
         if self.first is not None and self._quantized(x):
             return self.first.quantize(x, key)
         return x
@@ -159,8 +159,8 @@ class MomentStorage:
 
 
 def load(stored) -> jax.Array:
-    """The f32 value of a stored moment (f32 array, QuantizedState or FactoredMoment)."""
-    if isinstance(stored, (QuantizedState, FactoredMoment)):
+    """The f32 value of a stored moment (f32 array, QuantizedMoment or FactoredMoment)."""
+    if isinstance(stored, (QuantizedMoment, FactoredMoment)):
         return stored.dequantize()
     return stored
 

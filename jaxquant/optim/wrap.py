@@ -19,19 +19,19 @@ import jax.numpy as jnp
 import optax
 
 from jaxquant.optim import storage as storage_lib
-from jaxquant.optim.state import QuantizedState
+from jaxquant.optim.state import QuantizedMoment
 
 
-class QuantizedOptState(NamedTuple):
+class CompressedState(NamedTuple):
     """State of ``quantized_state``: the inner state with its large float leaves stored as
-    ``QuantizedState`` (or ``FactoredMoment``) subtrees."""
+    ``QuantizedMoment`` (or ``FactoredMoment``) subtrees."""
 
     count: jax.Array  # int32 [], the step (for stochastic rounding's keys)
     inner: optax.OptState
 
 
 def _is_stored(x) -> bool:
-    return isinstance(x, (QuantizedState, storage_lib.FactoredMoment))
+    return isinstance(x, (QuantizedMoment, storage_lib.FactoredMoment))
 
 
 def quantized_state(
@@ -71,7 +71,7 @@ def quantized_state(
       second_moment: regex over leaf paths selecting non-negative leaves, or None.
 
     Returns:
-      An ``optax.GradientTransformation`` with ``QuantizedOptState``.
+      An ``optax.GradientTransformation`` with ``CompressedState``.
 
     Example:
       >>> opt = quantized_state(optax.adafactor(1e-3), state_bits=8, second_moment=r"v_")
@@ -123,12 +123,12 @@ def quantized_state(
 
     def init_fn(params):
         count = jnp.zeros([], jnp.int32)
-        return QuantizedOptState(count, compress(inner.init(params), count))
+        return CompressedState(count, compress(inner.init(params), count))
 
     def update_fn(updates, state, params=None):
         like = jax.eval_shape(inner.init, params if params is not None else updates)
         u, new = inner.update(updates, decompress(state.inner, like), params)
         count = optax.safe_increment(state.count)
-        return u, QuantizedOptState(count, compress(new, count))
+        return u, CompressedState(count, compress(new, count))
 
     return optax.GradientTransformation(init_fn, update_fn)

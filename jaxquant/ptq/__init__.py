@@ -1,27 +1,11 @@
-"""jaxquant.ptq: post-training quantization.
+"""jaxquant.ptq: post-training quantization of whole models.
 
-Layers: ``rtn``, ``gptq`` (jitted), ``babai_nearest_plane`` and its bound and order.
-Models: ``quantize_model`` (GPTQ block by block on cached hidden states, or RTN).
+``quantize_model`` quantizes a model block by block from the Hessians of each layer's inputs
+on calibration data (GPTQ for scalar formats, block LDLQ for vector ones: each quantizer's
+``quantize(w, hessian=H)``), on hidden states cached between blocks. One layer at a time:
+``jaxquant.quantize(w, quantizer, hessian=H)``; round to nearest: ``jaxquant.nn.freeze``.
 """
 
-from jaxquant.ptq.gptq import (
-    babai_error_bound,
-    babai_nearest_plane,
-    babai_order,
-    gptq,
-    layer_error,
-    rtn,
-)
-from jaxquant.ptq.pipeline import LayerResult, PTQReport, quantize_model
+from jaxquant.ptq.pipeline import quantize_model
 
-__all__ = [
-    "LayerResult",
-    "PTQReport",
-    "babai_error_bound",
-    "babai_nearest_plane",
-    "babai_order",
-    "gptq",
-    "layer_error",
-    "quantize_model",
-    "rtn",
-]
+__all__ = ["quantize_model"]

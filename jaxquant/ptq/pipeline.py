@@ -22,11 +22,11 @@ computes.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable
 
 import flax.linen as nn
@@ -34,82 +34,21 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from jaxquant.nn import QuantConfig, QuantRule, freeze, intercept
-from jaxquant.nn.freeze import FreezeReport
+from jaxquant.nn import (
+    QuantConfig,
+    QuantReport,
+    WeightReport,
+    apply_with_config,
+    layer_infos,
+    quantize_weight,
+)
+from jaxquant.nn.freeze import learned_params, make_report, rules_of, weight_report
 from jaxquant.nn.rules import layer_path
-from jaxquant.numerics import Preset, QArray
-from jaxquant.numerics.qarray import is_qarray
-from jaxquant.ptq.gptq import gptq, layer_error
-from jaxquant.ptq.havq import havq
-from jaxquant.vq import VQArray
-from pallas_kernels import packing
-
-METHODS = ("gptq", "vq", "rtn")
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerResult:
-    """One quantized weight: how, and its relative output error on the calibration inputs.
-
-    ``error`` and ``rtn_error`` are ``tr(ΔᵀHΔ) / tr(WᵀHW)`` with the Hessian gathered on the
-    inputs the layer sees in the quantized model (NaN where no Hessian exists, e.g. an
-    embedding table, or with ``method='rtn'``).
-    """
-
-    path: str  # the weight's path in params, e.g. 'layers_0/attn/query/kernel'
-    stage: str  # 'prologue', a block path, or 'epilogue'
-    method: str  # 'gptq', 'havq' (VQ recipes), or 'rtn' (with the reason when GPTQ was asked for)
-    format: str
-    shape: tuple[int, ...]
-    error: float
-    rtn_error: float
-    seconds: float
-
-
-@dataclasses.dataclass(frozen=True)
-class PTQReport:
-    """What ``quantize_model`` did: a row per weight and the sizes of the served model."""
-
-    method: str
-    layers: tuple[LayerResult, ...]
-    freeze: FreezeReport  # sizes, bits per weight, unmatched rules (the same for every method)
-    seconds: float
-
-    @property
-    def bits_per_weight(self) -> float:
-        return self.freeze.bits_per_weight
-
-    @property
-    def model_bytes(self) -> int:
-        return self.freeze.model_bytes
-
-    def __str__(self) -> str:
-        lines = [f"{'weight':<36} {'method':<6} {'format':<14} {'error':>9} {'rtn error':>10}"]
-        for r in self.layers:
-            lines.append(
-                f"{r.path:<36} {r.method[:6]:<6} {r.format:<14} {r.error:9.5f} {r.rtn_error:10.5f}"
-            )
-        lines.append(
-            f"{len(self.layers)} weights, {self.method}, {self.seconds:.1f} s; model "
-            f"{self.model_bytes:,} bytes, {self.bits_per_weight:.3f} bits/param"
-        )
-        return "\n".join(lines)
+from jaxquant.numerics import layer_error
 
 
 def _as_args(batch) -> tuple:
     return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-
-
-def _has_quant_field(model) -> bool:
-    return any(f.name == "quant" for f in dataclasses.fields(model))
-
-
-def _apply(model, config: QuantConfig, variables, args, mutable):
-    """``model.apply`` with ``config``: through its ``quant`` field, else ``intercept``."""
-    if _has_quant_field(model):
-        return model.clone(quant=config).apply(variables, *args, mutable=mutable)
-    with intercept(config):
-        return model.apply(variables, *args, mutable=mutable)
 
 
 def _discover(model, params, args, block_regex: str):
@@ -139,7 +78,7 @@ def _discover(model, params, args, block_regex: str):
 
     def run(params, args):
         with nn.intercept_methods(recorder):
-            return _apply(model, QuantConfig(), {"params": params}, args, False)
+            return apply_with_config(model, QuantConfig(), {"params": params}, *args)
 
     jax.eval_shape(run, params, args)
     repeated = sorted({b for b in blocks if blocks.count(b) > 1})
@@ -170,59 +109,19 @@ def _stage_of(layer: str, blocks: list[str], first_call: dict[str, int]) -> int:
     return -1 if first_call.get(layer, math.inf) < first_call[blocks[0]] else len(blocks)
 
 
-def _to_matrix(w, axis: int):
-    """``[..., K at axis, ...]`` -> ``[K, rest]``."""
-    w = jnp.moveaxis(w, axis, 0)
-    return w.reshape(w.shape[0], -1)
-
-
-def _from_matrix(q: QArray, shape: tuple[int, ...], axis: int, scaling) -> QArray:
-    """A ``[K, rest]`` QArray with scales along axis 0 back in ``shape`` with scales along
-    ``axis`` (the layout ``quantize`` gives the weight's view): codes and scales moved alike."""
-    rest = shape[:axis] + shape[axis + 1 :]
-
-    def move(x):
-        return jnp.moveaxis(x.reshape((x.shape[0],) + rest), 0, axis)
-
-    codes = move(packing.unpack(q.codes, q.format.bits, q.shape[-1]))
-    return QArray(
-        codes=packing.pack(codes, q.format.bits),
-        scale=move(q.scale),
-        shape=tuple(shape),
-        dtype=q.dtype,
-        format=q.format,
-        scaling=scaling,
-        zero=None if q.zero is None else move(q.zero),
-        tensor_scale=q.tensor_scale,
-    )
-
-
-def _gptq_unsupported(q: QArray) -> str | None:
-    s = q.scaling
-    if s.axis is None:
-        return "per-tensor scale"
-    if not isinstance(s.axis, int) and len(s.axis) != 1:
-        return "scales over several axes"
-    if s.split_sign:
-        return "split-sign scales"
-    return None
-
-
 def quantize_model(
     model: nn.Module,
     params,
     calibration_batches: Iterable,
-    rules,
-    method: str = "gptq",
+    rules=None,
     *,
     blocks: str = r"layers_\d+",
-    block_size: int = 128,
     damp: float = 0.01,
     order: str | None = None,
-    progress: Callable[[int, int, LayerResult], None] | None = None,
-    return_report: bool = False,
-):
-    """Quantizes every weight that ``rules`` match, with GPTQ layer-sequentially, or RTN.
+    progress: Callable[[int, int, WeightReport], None] | None = None,
+) -> tuple[dict, QuantReport]:
+    """Quantizes every weight that ``rules`` match from the Hessians of its inputs, block by
+    block: GPTQ for scalar formats, block LDLQ for vector ones (each quantizer's choice).
 
     Args:
       model: a Linen model: built from jaxquant layers (with a ``quant`` field) or any model
@@ -230,72 +129,46 @@ def quantize_model(
       params: its float 'params' collection (boxed or not).
       calibration_batches: model inputs, each an array or a tuple of positional arguments to
         ``model.apply`` (e.g. int32 ``[batch, seq]`` tokens). Read into a list once.
-      rules: ``QuantRule``s, as for ``freeze`` (the first match wins).
-      method: ``'gptq'`` or ``'vq'`` (the same layer-sequential pass: weights whose rule is a
-        ``jaxquant.vq.VQ`` recipe get Hessian-aware VQ, ``havq``, the others GPTQ), or
-        ``'rtn'`` (round to nearest: ``freeze``, no calibration needed; VQ recipes encode each
-        vector to its nearest codeword).
+      rules: ``QuantRule``s, as for ``freeze`` (default: the model's ``quant.rules``).
       blocks: regex (full match) of the block paths, e.g. ``r'layers_\\d+'``; without a match
         the whole model is one stage (Hessians from the float model).
-      block_size, damp: passed to ``gptq``.
+      damp: the Hessian's relative damping (``numerics.damp_hessian``).
       order: GPTQ's row order: None (input order), ``'act'`` (act-order: decreasing
-        ``diag(H)``) or ``'babai'`` (``babai_order``); the last two fix group scales up front
-        (``static_groups=True``).
-      progress: called after each weight as ``progress(done, total, layer_result)``.
-      return_report: also return a ``PTQReport``.
+        ``diag(H)``) or ``'babai'`` (``numerics.babai_order``); the last two fix group scales
+        up front. Vector quantizers take None only.
+      progress: called after each weight as ``progress(done, total, weight_report)``.
 
     Returns:
-      The 'quant' collection (QArrays mirroring params, as ``freeze`` makes it; serve with
-      ``{'params': serving_params(params, quant), 'quant': quant}`` and the model in
-      ``'serve'`` mode), or ``(quant, report)`` with ``return_report``.
+      ``(quant, report)``: the 'quant' collection (quantized tensors mirroring params, as
+      ``freeze`` makes it; serve with ``{'params': serving_params(params, quant), 'quant':
+      quant}`` and the model in ``'serve'`` mode) and a ``QuantReport`` whose rows carry each
+      weight's output error and its round-to-nearest error on the calibration inputs. A weight
+      without an input Hessian (an embedding table, a batched contraction) is rounded to
+      nearest, with a warning naming it.
     """
     start_time = time.perf_counter()
-    if method not in METHODS:
-        raise ValueError(f"quantize_model method={method!r}: expected one of {METHODS}.")
     if order not in (None, "act", "babai"):
         raise ValueError(f"quantize_model order={order!r}: expected None, 'act' or 'babai'.")
-    rules = tuple(rules)
-    if not rules or not all(isinstance(r, QuantRule) for r in rules):
-        raise ValueError(f"quantize_model rules={rules!r}: expected a non-empty list of QuantRule.")
+    rules = rules_of(model, rules, "quantize_model")
+    if not rules:
+        raise ValueError("quantize_model rules: expected at least one QuantRule.")
     batches = [_as_args(b) for b in calibration_batches]
     if not batches:
         raise ValueError("quantize_model: calibration_batches is empty.")
     params = nn.unbox(params)
-    quant_rtn, freeze_report = freeze(model, params, *batches[0], rules=rules)
-    flat_rtn = traverse_util.flatten_dict(quant_rtn, sep="/", is_leaf=lambda _, x: is_qarray(x))
-    if not flat_rtn:
+    infos = layer_infos(model, params, *batches[0], rules=rules)
+    todo = [i for i in infos if i.rule is not None and rules[i.rule].weight is not None]
+    if not todo:
         raise ValueError(f"quantize_model: no rule matched a layer of the model (rules {rules}).")
     config = QuantConfig(mode="calibrate", rules=rules)
-
-    if method == "rtn":
-        results = [
-            LayerResult(
-                p,
-                "",
-                "rtn",
-                str(_rule_for(config, p).weight.format),
-                tuple(q.shape),
-                math.nan,
-                math.nan,
-                0.0,
-            )
-            for p, q in flat_rtn.items()
-        ]
-        for i, r in enumerate(results):
-            if progress is not None:
-                progress(i + 1, len(results), r)
-        report = PTQReport("rtn", tuple(results), freeze_report, time.perf_counter() - start_time)
-        return (quant_rtn, report) if return_report else quant_rtn
 
     block_paths, first_call = _discover(model, params, batches[0], blocks)
     num_blocks = len(block_paths)
     stage_names = {-1: "prologue", num_blocks: "epilogue"}
     stage_names.update(enumerate(block_paths))
-    by_stage: dict[int, list[str]] = {}
-    for path in flat_rtn:
-        by_stage.setdefault(_stage_of(path.rsplit("/", 1)[0], block_paths, first_call), []).append(
-            path
-        )
+    by_stage: dict[int, list] = {}
+    for info in todo:
+        by_stage.setdefault(_stage_of(info.path, block_paths, first_call), []).append(info)
     block_index = {b: i for i, b in enumerate(block_paths)}
 
     def make_pass(stage: int, layers: tuple[str, ...]):
@@ -319,7 +192,9 @@ def quantize_model(
                 return next_fun(*a, **kw)
 
             with nn.intercept_methods(interceptor):
-                _, state = _apply(model, config, {"params": params_q}, args, ["qstats"])
+                _, state = apply_with_config(
+                    model, config, {"params": params_q}, *args, mutable=["qstats"]
+                )
             flat = traverse_util.flatten_dict(nn.unbox(state.get("qstats", {})), sep="/")
             stats = {
                 layer: flat[f"{layer}/hessian"] for layer in layers if f"{layer}/hessian" in flat
@@ -330,13 +205,13 @@ def quantize_model(
 
     flat_params = traverse_util.flatten_dict(params, sep="/")
     params_q = dict(flat_params)  # quantized weights replaced by their dequantized values
-    quant_flat = dict(flat_rtn)
-    results: list[LayerResult] = []
-    total = len(flat_rtn)
+    quant_flat: dict = {}
+    rows: list[WeightReport] = []
+    no_hessian: list[str] = []
     hidden = [None] * len(batches)  # the input of block `stage - 1`, per batch
     for stage in range(-1 if -1 in by_stage else 0, num_blocks + (num_blocks in by_stage)):
-        weights = by_stage.get(stage, [])
-        layers = tuple(sorted({w.rsplit("/", 1)[0] for w in weights}))
+        stage_infos = by_stage.get(stage, [])
+        layers = tuple(sorted({info.path for info in stage_infos}))
         run = make_pass(stage, layers)
         unflat = traverse_util.unflatten_dict(params_q, sep="/")
         hessians: dict[str, jax.Array] = {}
@@ -348,121 +223,74 @@ def quantize_model(
                 hessians[layer] = h if layer not in hessians else hessians[layer] + h
         if 0 <= stage < num_blocks:
             hidden = next_hidden
-        for path in weights:
+        for info in stage_infos:
             t0 = time.perf_counter()
-            q_rtn = flat_rtn[path]
-            layer = path.rsplit("/", 1)[0]
-            rule = _rule_for(config, path)
-            result_method, q, err, err_rtn = _quantize_weight(
-                flat_params[path],
-                q_rtn,
-                hessians.get(layer),
-                rule,
-                path,
-                block_size=block_size,
-                damp=damp,
-                order=order,
+            quantizer = rules[info.rule].weight
+            w = flat_params[info.param_path]
+            learned = learned_params(flat_params, info, quantizer)
+            q_rtn = quantize_weight(w, info, quantizer, learned=learned)
+            h = hessians.get(info.path) if info.hessian else None
+            if h is None:
+                q, method, err, err_rtn = q_rtn, "rtn", math.nan, math.nan
+                no_hessian.append(info.param_path)
+            else:
+                _check_hessian_size(h, info)
+                q = quantize_weight(w, info, quantizer, hessian=h, damp=damp, order=order)
+                method = quantizer.hessian_method
+                err, err_rtn = (float(e) for e in _errors(w, q, q_rtn, h, info.axis[0]))
+            quant_flat[info.param_path] = q
+            params_q[info.param_path] = _dequantize_as(q, tuple(w.shape), w.dtype)
+            row = weight_report(
+                info,
+                rules,
+                q,
+                method,
+                stage=stage_names[stage],
+                error=err,
+                rtn_error=err_rtn,
+                seconds=time.perf_counter() - t0,
             )
-            quant_flat[path] = q
-            w = flat_params[path]
-            params_q[path] = _dequantize_as(q, w.shape, w.dtype)
-            result = LayerResult(
-                path,
-                stage_names[stage],
-                result_method,
-                str(rule.weight.format),
-                tuple(q.shape),
-                err,
-                err_rtn,
-                time.perf_counter() - t0,
-            )
-            results.append(result)
+            rows.append(row)
             if progress is not None:
-                progress(len(results), total, result)
-    quant = traverse_util.unflatten_dict(quant_flat, sep="/")
-    report = PTQReport(method, tuple(results), freeze_report, time.perf_counter() - start_time)
-    return (quant, report) if return_report else quant
-
-
-def _havq_weight(w, q_rtn: VQArray, hessian, path: str, damp: float):
-    """(method, VQArray, error, rtn error) by Hessian-aware VQ of the weight's matrix view."""
-    k, n = q_rtn.matrix_shape
-    if hessian.shape != (k, k):
-        raise ValueError(
-            f"quantize_model: the Hessian of {path} is {hessian.shape}, but the weight's "
-            f"contracted size is {k} (its view {q_rtn.shape})."
+                progress(len(rows), len(todo), row)
+    if no_hessian:
+        warnings.warn(
+            f"quantize_model: no input Hessian for {no_hessian} (an embedding lookup or a "
+            "batched contraction); rounded to nearest instead.",
+            stacklevel=2,
         )
-    w2 = w.astype(jnp.float32).reshape(k, n)
-    q2 = havq(w2, hessian, q_rtn.recipe, damp=damp)
-    q = q2.replace(shape=tuple(q_rtn.shape), dtype=q_rtn.dtype)
-    err, err_rtn = _vq_errors(w2, q2, q_rtn, hessian)
-    return "havq", q, float(err), float(err_rtn)
+    report = make_report(
+        rows, infos, rules, flat_params, quant_flat, seconds=time.perf_counter() - start_time
+    )
+    return traverse_util.unflatten_dict(quant_flat, sep="/"), report
 
 
-@jax.jit
-def _vq_errors(w2, q2, q_rtn, hessian):
-    rtn = q_rtn.dequantize(jnp.float32).reshape(w2.shape)
-    return layer_error(w2, q2, hessian), layer_error(w2, rtn, hessian)
+def _check_hessian_size(h, info) -> None:
+    k = math.prod(info.view_shape[a] for a in info.axis)
+    if h.shape != (k, k):
+        raise ValueError(
+            f"quantize_model: the Hessian of {info.path} is {h.shape}, but the weight's "
+            f"contracted size is {k} (its view {info.view_shape}, contracted axes {info.axis}); "
+            "the layer's input and weight contracted axes do not correspond."
+        )
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
-def _dequantize_as(q: QArray, shape, dtype):
-    return q.dequantize(jnp.float32).reshape(shape).astype(dtype)
-
-
-def _rule_for(config: QuantConfig, path: str) -> QuantRule:
-    layer = path.rsplit("/", 1)[0]
-    for role in ("linear", "head", "embedding"):
-        rule = config.match(layer, role)
-        if rule is not None:
-            return rule
-    raise AssertionError(f"no rule matches {layer}, which freeze quantized")
+def _matrix(x, axis: int):
+    """``[..., K at axis, ...]`` -> ``[K, rest]``."""
+    x = jnp.moveaxis(x, axis, 0)
+    return x.reshape(x.shape[0], -1)
 
 
 @functools.partial(jax.jit, static_argnames=("axis",))
-def _matrix_and_rtn_error(w, q_rtn: QArray, hessian, axis: int):
-    wv = w.astype(jnp.float32).reshape(q_rtn.shape)
-    w2 = _to_matrix(wv, axis)
-    return w2, layer_error(w2, _to_matrix(q_rtn.dequantize(jnp.float32), axis), hessian)
-
-
-@functools.partial(jax.jit, static_argnames=("shape", "axis", "scaling", "dtype"))
-def _finish(q2: QArray, w2, hessian, shape, axis, scaling, dtype):
-    """(the QArray in the weight's view layout, its layer error)."""
-    q = _from_matrix(q2, shape, axis, scaling).replace(dtype=dtype)
-    return q, layer_error(w2, q2, hessian)
-
-
-def _quantize_weight(w, q_rtn: QArray, hessian, rule: QuantRule, path: str, **gptq_kwargs):
-    """(method, QArray, error, rtn error) of one weight given its stage's Hessian."""
-    if hessian is None:
-        return "rtn (no Hessian)", q_rtn, math.nan, math.nan
-    if isinstance(q_rtn, VQArray):
-        return _havq_weight(w, q_rtn, hessian, path, gptq_kwargs["damp"])
-    reason = _gptq_unsupported(q_rtn)
-    scaling = q_rtn.scaling
-    axis = scaling.axis if isinstance(scaling.axis, int) else (scaling.axis or (0,))[0]
-    k = q_rtn.shape[axis]
-    if hessian.shape != (k, k):
-        raise ValueError(
-            f"quantize_model: the Hessian of {path} is {hessian.shape}, but the weight's "
-            f"contracted size is {k} (its view {q_rtn.shape}, scales along axis {axis}); the "
-            "layer's input and weight contracting axes do not correspond."
-        )
-    w2, err_rtn = _matrix_and_rtn_error(w, q_rtn, hessian, axis)
-    if reason is not None:
-        return f"rtn ({reason})", q_rtn, float(err_rtn), float(err_rtn)
-    preset = Preset(str(rule.weight.format), q_rtn.format, dataclasses.replace(scaling, axis=0))
-    order = gptq_kwargs.pop("order")
-    q2 = gptq(
-        w2,
-        hessian,
-        preset,
-        calibration=rule.weight.calibration,
-        act_order=order == "act",
-        order="babai" if order == "babai" else None,
-        static_groups=order is not None,
-        **gptq_kwargs,
+def _errors(w, q, q_rtn, hessian, axis: int):
+    """(layer error of ``q``, of ``q_rtn``) in the weight's view, contracted ``axis`` first."""
+    w2 = _matrix(w.astype(jnp.float32).reshape(q.shape), axis)
+    return (
+        layer_error(w2, _matrix(q.dequantize(jnp.float32), axis), hessian),
+        layer_error(w2, _matrix(q_rtn.dequantize(jnp.float32), axis), hessian),
     )
-    q, err = _finish(q2, w2, hessian, tuple(q_rtn.shape), axis, scaling, q_rtn.dtype)
-    return "gptq", q, float(err), float(err_rtn)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def _dequantize_as(q, shape, dtype):
+    return q.dequantize(jnp.float32).reshape(shape).astype(dtype)

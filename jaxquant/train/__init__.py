@@ -4,7 +4,8 @@
 from ``workdir``, and prints the float-vs-quantized table; ``train.py`` is a thin absl entry to
 it. ``make_mesh(MeshConfig(...))`` builds the ``('data', 'fsdp', 'tensor')`` mesh;
 ``state_shardings(jax.eval_shape(model.init, ...), mesh, rules)`` gives the ``NamedSharding``s
-for ``jax.jit(model.init, out_shardings=...)``, ``'quant'`` collections of QArrays included.
+for ``jax.jit(model.init, out_shardings=...)``, ``'quant'`` collections of quantized tensors
+included.
 """
 
 from jaxquant.train.evaluator import (
@@ -21,7 +22,6 @@ from jaxquant.train.partitioning import (
     MeshConfig,
     logical_to_shardings,
     make_mesh,
-    qarray_sharding,
     state_shardings,
 )
 from jaxquant.train.trainer import (
@@ -49,7 +49,6 @@ __all__ = [
     "format_table",
     "logical_to_shardings",
     "make_mesh",
-    "qarray_sharding",
     "read_scalars",
     "state_shardings",
     "train_and_evaluate",

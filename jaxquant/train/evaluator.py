@@ -31,8 +31,7 @@ from jaxquant.data import bits_per_byte as _bits_per_byte
 from jaxquant.data import eval_batches
 from jaxquant.models import Llama
 from jaxquant.nn import QuantConfig, QuantRule, freeze, serving_params
-from jaxquant.numerics import INT4, INT8, QuantizedTensor
-from jaxquant.numerics.qarray import is_qarray
+from jaxquant.numerics import INT4, INT8, is_quantized
 
 
 def cross_entropy(
@@ -89,10 +88,11 @@ def default_variants() -> dict[str, tuple[QuantRule, ...]]:
 
 
 def _size_and_bytes(variables) -> tuple[int, int]:
-    """(number of parameters, bytes) of every array in ``variables``, QArrays by their shape."""
+    """(number of parameters, bytes) of every array in ``variables``, quantized tensors by
+    their shape and stored bytes."""
     num, nbytes = 0, 0
-    for leaf in jax.tree.leaves(variables, is_leaf=is_qarray):
-        if isinstance(leaf, QuantizedTensor):
+    for leaf in jax.tree.leaves(variables, is_leaf=is_quantized):
+        if is_quantized(leaf):
             num, nbytes = num + leaf.size, nbytes + leaf.nbytes
         else:
             num += math.prod(np.shape(leaf))
@@ -215,7 +215,7 @@ class Evaluator:
           bits_per_weight: of the evaluated model; default ``8 · model_bytes / parameters``
             counted from ``variables`` (32 for float32 params).
           model_bytes: of the evaluated model; default the bytes of every array in
-            ``variables`` (a QArray's codes, scales and zero points).
+            ``variables`` (a quantized tensor's codes, scales and the rest).
 
         Returns:
           An ``EvalResult``.
@@ -253,7 +253,7 @@ class Evaluator:
           variants: name -> rules (default ``default_variants()``: int8 and int4 weights).
 
         Returns:
-          ``[float, *variants]`` results, the variants' sizes from their ``FreezeReport``.
+          ``[float, *variants]`` results, the variants' sizes from their ``QuantReport``.
         """
         variants = default_variants() if variants is None else variants
         if "float" in variants:
@@ -268,8 +268,8 @@ class Evaluator:
         return results
 
     def evaluate_quantized(self, params, quant, rules, report, *, name: str) -> EvalResult:
-        """The model served from ``quant`` (made with ``rules``), sized by ``report`` (a
-        ``FreezeReport`` or a ``PTQReport``: its ``bits_per_weight`` and ``model_bytes``)."""
+        """The model served from ``quant`` (made with ``rules``), sized by ``report`` (the
+        ``QuantReport`` of ``freeze`` or ``quantize_model``)."""
         served = self.model.clone(quant=QuantConfig(mode="serve", rules=tuple(rules)))
         return self.evaluate(
             {"params": serving_params(nn.unbox(params), quant), "quant": quant},

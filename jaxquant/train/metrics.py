@@ -114,7 +114,7 @@ class MetricWriter:
         self._writer = None
         if self.enabled:
             self._writer = tensorboardX.SummaryWriter(self.logdir, flush_secs=flush_secs)
-        self._tty = self.enabled and _isatty(self._stream)
+        self._tty = self.enabled and isatty(self._stream)
         # Progress state: the time and step of the previous measurement, the tokens since.
         self._last_time: float | None = None
         self._last_step: int | None = None
@@ -244,7 +244,8 @@ class MetricWriter:
             self._line_len = 0
 
 
-def _isatty(stream) -> bool:
+def isatty(stream) -> bool:
+    """Whether ``stream`` is a terminal (progress lines then redraw in place)."""
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError, OSError):

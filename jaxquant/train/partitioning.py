@@ -1,4 +1,4 @@
-"""Device meshes, logical-axis rules, and the shardings of params and frozen QArrays.
+"""Device meshes, logical-axis rules, and the shardings of params and frozen weights.
 
 Terminology:
   mesh axes:     ``data`` (batch only), ``fsdp`` (batch and params: fully sharded data
@@ -14,8 +14,9 @@ shape, and ``state_shardings(jax.eval_shape(model.init, ...), mesh, rules)`` giv
 do not divide is replicated (with a warning naming the param) rather than failing inside XLA.
 
 Frozen weights (the ``'quant'`` collection) are sharded like the float weight they replace:
-``qarray_sharding`` derives the sharding of a ``QArray``'s codes, scales and zero points from
-the weight's, so a device holds the codes of its weight shard together with their scales.
+each quantized tensor's ``shardings(weight_sharding)`` derives the sharding of its codes,
+scales (and zero points, codebooks) from the weight's, so a device holds the codes of its
+weight shard together with their scales.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxquant.numerics import QArray
-from jaxquant.numerics.qarray import is_qarray
+from jaxquant.numerics import is_quantized
+from jaxquant.numerics.qarray import mesh_axis_size
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -121,18 +122,11 @@ def _is_spec(x) -> bool:
     return isinstance(x, P)
 
 
-def _axis_size(mesh: Mesh, entry) -> int:
-    if entry is None:
-        return 1
-    names = entry if isinstance(entry, tuple) else (entry,)
-    return math.prod(mesh.shape[n] for n in names)
-
-
 def _fit(mesh: Mesh, entry, n: int):
     """The longest prefix of ``entry``'s mesh axes whose size divides ``n`` (None if none)."""
     names = entry if isinstance(entry, tuple) else (entry,)
     for k in range(len(names), 0, -1):
-        if n % _axis_size(mesh, names[:k]) == 0:
+        if n % mesh_axis_size(mesh, names[:k]) == 0:
             return names[0] if k == 1 else names[:k]
     return None
 
@@ -165,7 +159,7 @@ def logical_to_shardings(logical_specs, mesh: Mesh, rules=DEFAULT_RULES, *, shap
         mesh_spec += [None] * (len(dims) - len(mesh_spec))
         fixed = []
         for d, (n, entry) in enumerate(zip(dims, mesh_spec, strict=True)):
-            if entry is not None and n % _axis_size(mesh, entry):
+            if entry is not None and n % mesh_axis_size(mesh, entry):
                 mesh_spec[d] = _fit(mesh, entry, n)
                 fixed.append(f"dim {d} (size {n}, {spec[d]!r} -> {entry!r})")
         if fixed:
@@ -181,65 +175,6 @@ def logical_to_shardings(logical_specs, mesh: Mesh, rules=DEFAULT_RULES, *, shap
     for message in fallbacks:  # one warning per param, at the caller's line
         warnings.warn(message, stacklevel=2)
     return out
-
-
-def qarray_sharding(q: QArray, weight_sharding: NamedSharding) -> QArray:
-    """The sharding of each array in ``q``, given the sharding of the float weight it stores.
-
-    Each leaf keeps the weight's mesh axes on a dimension where the shard boundaries fall at the
-    same elements of the weight, and replicates it otherwise:
-      * codes: the weight's spec, except the packed last axis of ``n`` codes of ``b`` bits,
-        sharded over ``k`` devices only when every shard is whole bytes of whole codes
-        (``n % k == 0``, ``(n // k) * b % 8 == 0``, no padding);
-      * scale, zero: the weight's spec on dimensions of the weight's length that ``k`` divides,
-        and on the group dimension (``n // group_size`` scales) when ``k`` divides the number of
-        groups (each shard then holds the scales of its own groups); replicated on shared
-        dimensions (length 1). A leading split-sign axis of 2 is replicated;
-      * tensor_scale: replicated.
-
-    Args:
-      q: a ``QArray``, concrete or abstract (leaves ``ShapeDtypeStruct``s).
-      weight_sharding: the ``NamedSharding`` of the float weight ``[*q.shape]``.
-
-    Returns:
-      A ``QArray`` with the same static fields whose leaves are ``NamedSharding``s, for
-      ``jax.device_put(q, shardings)`` or ``jax.jit(..., out_shardings=shardings)``.
-    """
-    mesh = weight_sharding.mesh
-    ndim = len(q.shape)
-    spec = list(weight_sharding.spec) + [None] * (ndim - len(weight_sharding.spec))
-    if len(spec) != ndim:
-        raise ValueError(
-            f"qarray_sharding weight_sharding: spec {weight_sharding.spec} has more dimensions "
-            f"than the QArray's shape {q.shape}."
-        )
-
-    def leaf_sharding(leaf, codes: bool):
-        # Dimensions align at the end; leading extras (vmap batch, split sign) are replicated.
-        dims = tuple(leaf.shape)
-        lead = len(dims) - ndim
-        out = [None] * len(dims)
-        for d, entry in enumerate(spec):
-            if entry is None or lead + d < 0:
-                continue
-            n, m, k = q.shape[d], dims[lead + d], _axis_size(mesh, entry)
-            if codes and d == ndim - 1:
-                bits = q.format.bits
-                keep = n % k == 0 and (n // k) * bits % 8 == 0 and m * 8 == n * bits
-            else:
-                # m == n: a full dimension; m == n // group_size: whole groups per shard.
-                keep = m > 1 and n % m == 0 and m % k == 0
-            if keep:
-                out[lead + d] = entry
-        return NamedSharding(mesh, P(*out))
-
-    replicated = NamedSharding(mesh, P())
-    return q.replace(
-        codes=leaf_sharding(q.codes, codes=True),
-        scale=leaf_sharding(q.scale, codes=False),
-        zero=None if q.zero is None else leaf_sharding(q.zero, codes=False),
-        tensor_scale=None if q.tensor_scale is None else replicated,
-    )
 
 
 def _view_sharding(weight: NamedSharding, shape, view_shape) -> NamedSharding:
@@ -263,15 +198,15 @@ def state_shardings(abstract_variables, mesh: Mesh, rules=DEFAULT_RULES):
     Args:
       abstract_variables: ``jax.eval_shape(model.init, ...)`` (params boxed with
         ``nn.with_logical_partitioning``), possibly with a ``'quant'`` collection of (abstract)
-        ``QArray``s mirroring ``'params'``, as ``jaxquant.nn.freeze`` makes.
+        quantized tensors mirroring ``'params'``, as ``jaxquant.nn.freeze`` makes.
       mesh: the device mesh.
       rules: logical-axis rules (``DEFAULT_RULES``).
 
     Returns:
       The pytree of ``NamedSharding``s for ``nn.unbox(variables)``: every collection by its
-      logical specs (unannotated leaves replicated); each ``'quant'`` QArray by
-      ``qarray_sharding`` from the sharding of the param at the same path (replicated when there
-      is none, e.g. after ``serving_params`` dropped it).
+      logical specs (unannotated leaves replicated); each ``'quant'`` tensor by its
+      ``shardings`` from the sharding of the param at the same path (replicated when there is
+      none, e.g. after ``serving_params`` dropped it).
 
     Example:
       >>> abstract = jax.eval_shape(model.init, key, tokens)
@@ -288,20 +223,18 @@ def state_shardings(abstract_variables, mesh: Mesh, rules=DEFAULT_RULES):
     flat_params = traverse_util.flatten_dict(out.get("params", {}), sep="/")
     param_shapes = traverse_util.flatten_dict(nn.unbox(variables).get("params", {}), sep="/")
     flat_quant = traverse_util.flatten_dict(
-        nn.unbox(quant), sep="/", is_leaf=lambda _, x: is_qarray(x)
+        nn.unbox(quant), sep="/", is_leaf=lambda _, x: is_quantized(x)
     )
     flat_out = {}
     for path, q in flat_quant.items():
-        if is_qarray(q) and not isinstance(q, QArray):  # VQArray: replicated, not split
-            flat_out[path] = jax.tree.map(lambda _: replicated, q)
-        elif is_qarray(q):
-            weight = flat_params.get(path)
-            if weight is not None and path in param_shapes:
-                weight = _view_sharding(weight, tuple(param_shapes[path].shape), tuple(q.shape))
-            if weight is None or len(weight.spec) > len(q.shape):
-                weight = replicated
-            flat_out[path] = qarray_sharding(q, weight)
-        else:
+        if not is_quantized(q):
             flat_out[path] = replicated
+            continue
+        weight = flat_params.get(path)
+        if weight is not None and path in param_shapes:
+            weight = _view_sharding(weight, tuple(param_shapes[path].shape), tuple(q.shape))
+        if weight is None or len(weight.spec) > len(q.shape):
+            weight = replicated
+        flat_out[path] = q.shardings(weight)
     out["quant"] = traverse_util.unflatten_dict(flat_out, sep="/") if flat_out else {}
     return out

@@ -1,26 +1,26 @@
-"""``train.py --mode=ptq``: quantize a trained checkpoint with RTN and GPTQ, save, report.
+"""``train.py --mode=ptq``: quantize a trained checkpoint, save it, report.
 
-For each format of ``config.ptq.format`` the latest checkpoint of ``workdir`` is quantized by
-round-to-nearest and (with ``config.ptq.method='gptq'``) by GPTQ, layer-sequentially on
-``config.ptq.num_calibration_batches`` training batches; every variant is evaluated on the
-validation split and its 'quant' collection saved under ``workdir/ptq/<method>_<format>``.
+For each quantizer of ``config.ptq.format`` the latest checkpoint of ``workdir`` is quantized
+by round-to-nearest (``freeze``) and (with ``config.ptq.method='hessian'``) from the Hessians
+of calibration inputs (``quantize_model``: GPTQ for scalar formats, block LDLQ for vector ones),
+layer-sequentially on ``config.ptq.num_calibration_batches`` training batches; every variant is
+evaluated on the validation split and its 'quant' collection saved under
+``workdir/ptq/<method>_<format>`` (method ``rtn``, ``gptq`` or ``havq``).
 
 Config fields (``config.ptq``):
-  method:                   ``'gptq'`` (prints RTN too, as the baseline) or ``'rtn'``.
-  format:                   comma-separated presets (``jaxquant.numerics.get_preset`` names),
-                            optionally regrouped by a suffix: ``int4_g64``.
-  group_size:               0 keeps each preset's grouping; N > 0 groups N inputs.
+  method:                   ``'hessian'`` (prints RTN too, as the baseline) or ``'rtn'``.
+  format:                   comma-separated quantizer names (``jaxquant.get_quantizer``):
+                            ``int4_g64``, ``mxfp4``, ``nf4``, ``e8p2_rht``, ...
+  group_size:               0 keeps each quantizer's grouping; N > 0 groups N inputs.
   num_calibration_batches:  batches of ``config.train`` shape drawn from the training split.
-  block_size, damp:         GPTQ's options.
+  damp:                     the Hessian's relative damping.
   order:                    GPTQ's row order: '' (input order), 'act' or 'babai'.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
 import sys
 import time
 
@@ -30,10 +30,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxquant import numerics, vq
 from jaxquant.data import BatchIterator
-from jaxquant.nn import QuantRule, freeze
-from jaxquant.ptq import LayerResult, quantize_model
+from jaxquant.nn import QuantRule, WeightReport, freeze
+from jaxquant.numerics import get_quantizer
+from jaxquant.ptq import quantize_model
 from jaxquant.train import evaluator as evaluator_lib
 from jaxquant.train import metrics as metrics_lib
 from jaxquant.train.trainer import Trainer
@@ -42,34 +42,13 @@ _BAR_WIDTH = 20
 
 
 def ptq_rules(fmt: str, group_size: int = 0) -> tuple[QuantRule, ...]:
-    """Weight-only rules for every linear layer: preset ``fmt``, regrouped if ``group_size``.
-
-    ``fmt`` is a preset name (``'int4_g128'``, ``'mxfp4'``), or one with a group suffix
-    ``'<preset>_g<N>'`` (``'int4_g64'``: INT4 in groups of 64 inputs; ``'int3_g64'``:
-    INT3_G128 regrouped), or a vector-quantization recipe (``jaxquant.vq.get_vq`` names:
-    ``'e8p2_rht'``, ``'kmeans_d2_b6'``; GPTQ then means Hessian-aware VQ).
-    """
-    try:
-        recipe = vq.get_vq(fmt)
-    except ValueError:
-        recipe = None
-    if recipe is not None:
-        if group_size:
-            recipe = dataclasses.replace(recipe, group_size=group_size)
-        return (QuantRule(".*", weight=recipe),)
-    try:
-        preset = numerics.get_preset(fmt)
-    except ValueError:
-        m = re.fullmatch(r"(.+)_g(\d+)", fmt)
-        if m is None:
-            raise
-        base = m.group(1).upper()
-        grouped = [n for n in numerics.PRESETS if re.fullmatch(rf"{re.escape(base)}_G\d+", n)]
-        preset = numerics.get_preset(base if base in numerics.PRESETS else (grouped or [fmt])[0])
-        preset = preset.with_group_size(int(m.group(2)))
+    """Weight-only rules for every linear layer: the quantizer named ``fmt``
+    (``get_quantizer``: ``'int4_g64'``, ``'mxfp4'``, ``'e8p2_rht'``), regrouped to
+    ``group_size`` inputs when it is not 0."""
+    quantizer = get_quantizer(fmt)
     if group_size:
-        preset = preset.with_group_size(group_size)
-    return (QuantRule(".*", weight=preset),)
+        quantizer = quantizer.with_group_size(group_size)
+    return (QuantRule(".*", weight=quantizer),)
 
 
 def calibration_batches(trainer: Trainer, num_batches: int) -> list[np.ndarray]:
@@ -94,9 +73,9 @@ class _LayerBar:
 
     def __init__(self, label: str, stream=None):
         self.label, self.stream = label, stream or sys.stdout
-        self.tty = metrics_lib._isatty(self.stream)
+        self.tty = metrics_lib.isatty(self.stream)
 
-    def __call__(self, done: int, total: int, r: LayerResult):
+    def __call__(self, done: int, total: int, r: WeightReport):
         filled = round(_BAR_WIDTH * done / total)
         line = (
             f"ptq {self.label} [{'#' * filled}{'-' * (_BAR_WIDTH - filled)}] {done}/{total} "
@@ -132,14 +111,14 @@ def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
 
     Returns:
       ``(results, reports)``: the ``EvalResult`` of float and of every variant, in table
-      order, and the ``PTQReport`` of every variant by name (``'gptq_int4_g128'``).
+      order, and the ``QuantReport`` of every variant by name (``'gptq_int4_g128'``).
     """
     c = config.ptq
-    if c.method not in ("gptq", "rtn"):
-        raise ValueError(f"config.ptq.method={c.method!r}: expected 'gptq' or 'rtn'.")
+    if c.method not in ("hessian", "rtn"):
+        raise ValueError(f"config.ptq.method={c.method!r}: expected 'hessian' or 'rtn'.")
     formats = [f for f in c.format.split(",") if f]
     if not formats:
-        raise ValueError("config.ptq.format: empty; name presets such as 'int4_g128,mxfp4'.")
+        raise ValueError("config.ptq.format: empty; name quantizers such as 'int4_g128,mxfp4'.")
     rules_by_format = {f: ptq_rules(f, c.group_size) for f in formats}  # bad names fail here
     trainer = Trainer(config, workdir)
     with trainer.checkpoint_manager() as manager:
@@ -154,29 +133,28 @@ def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
     batches = calibration_batches(trainer, c.num_calibration_batches)
     evaluator = trainer.evaluator()
     results = [evaluator.evaluate({"params": params}, name="float")]
-    methods = ["rtn", "gptq"] if c.method == "gptq" else ["rtn"]
     lead = jax.process_index() == 0
     summaries = []
     reports = {}
     for fmt in formats:
         rules = rules_by_format[fmt]
-        for method in methods:
+        hessian_method = rules[0].weight.hessian_method
+        for method in ["rtn", hessian_method] if c.method == "hessian" else ["rtn"]:
             t0 = time.perf_counter()
-            quant, report = quantize_model(
-                model,
-                params,
-                batches,
-                rules,
-                method,
-                block_size=c.block_size,
-                damp=c.damp,
-                order=c.order or None,
-                progress=_LayerBar(f"{method} {fmt}") if lead and method == "gptq" else None,
-                return_report=True,
-            )
+            name = f"{method}_{fmt}"
+            if method == "rtn":
+                quant, report = freeze(model, params, batches[0], rules=rules)
+            else:
+                quant, report = quantize_model(
+                    model,
+                    params,
+                    batches,
+                    rules,
+                    damp=c.damp,
+                    order=c.order or None,
+                    progress=_LayerBar(f"{method} {fmt}") if lead else None,
+                )
             seconds = time.perf_counter() - t0
-            is_vq = isinstance(rules[0].weight.format, vq.VQ)
-            name = f"{'havq' if is_vq and method == 'gptq' else method}_{fmt}"
             reports[name] = report
             results.append(evaluator.evaluate_quantized(params, quant, rules, report, name=name))
             meta = {
@@ -189,12 +167,12 @@ def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
             }
             if lead:
                 save_quant(os.path.join(os.fspath(workdir), "ptq", name), quant, meta)
-            if method == "gptq" and report.layers:
-                ratios = [r.error / r.rtn_error for r in report.layers if r.rtn_error > 0]
-                worst = max(report.layers, key=lambda r: r.error / max(r.rtn_error, 1e-30))
+            if method != "rtn" and report.weights:
+                ratios = [r.error / r.rtn_error for r in report.weights if r.rtn_error > 0]
+                worst = max(report.weights, key=lambda r: r.error / max(r.rtn_error, 1e-30))
                 summaries.append(
-                    f"{name}: {len(report.layers)} layers in {seconds:.1f} s; layer error / RTN's:"
-                    f" mean {np.mean(ratios):.3f}, worst {max(ratios):.3f} ({worst.path})"
+                    f"{name}: {len(report.weights)} layers in {seconds:.1f} s; layer error / "
+                    f"RTN's: mean {np.mean(ratios):.3f}, worst {max(ratios):.3f} ({worst.path})"
                 )
     if lead:
         print(evaluator_lib.format_table(results))

@@ -41,7 +41,7 @@ from jaxquant.train import partitioning
 # QAT recipes selectable by name from a config (``config.quant.qat``).
 QAT_RECIPES: dict[str, tuple[QuantRule, ...]] = {
     "": (),
-    "int8": (QuantRule(".*", weight=numerics.INT8, act=numerics.INT8.on_axis(-1)),),
+    "int8": (QuantRule(".*", weight=numerics.INT8, act=numerics.INT8),),
     "int4": (QuantRule(".*", weight=numerics.INT4),),
 }
 

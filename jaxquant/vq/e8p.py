@@ -253,7 +253,7 @@ def e8p_decode(idx: jax.Array) -> jax.Array:
 # Residual stages (3 and 4 bits per weight).
 
 # Scales for x ~ N(0, 1), measured on 2^17–2^20 vectors of np.random.default_rng(1234) (not
-# gaussian_mse's default seed) by grid search, coarse then in steps of 0.0025 (E8P) or
+# ``E8P.gaussian_mse``'s default seed) by grid search, coarse then in steps of 0.0025 (E8P) or
 # 0.005–0.01 (s) × 0.03–0.05 (r₂): each setting is flat to < 0.1% of the MSE around its optimum.
 #   2 bits: s = 0.965                MSE 0.09136
 #   3 bits: s = 1.015, r₂ = 2.04     MSE 0.02953
@@ -440,31 +440,6 @@ def residual_decode(idx: jax.Array, bits: int) -> jax.Array:
 
 def residual_gaussian_scale(bits: int) -> float:
     """The scale s minimizing the MSE of ``s · residual_decode(residual_encode(x / s))`` for
-    x ~ N(0, 1) (see ``gaussian_mse``); ``residual_gaussian_scale(2) == E8P_GAUSSIAN_SCALE``."""
+    x ~ N(0, 1) (``E8P(bits).gaussian_mse``);
+    ``residual_gaussian_scale(2) == E8P_GAUSSIAN_SCALE``."""
     return _GAUSSIAN_SCALES[_check_bits(bits, "residual_gaussian_scale")]
-
-
-def gaussian_mse(bits: int, num: int = 2**18, seed: int = 0) -> float:
-    """Mean squared error per weight of the ``bits``-bit quantizer on N(0, 1) data.
-
-    ``mean((x − s · residual_decode(residual_encode(x / s, bits), bits))²)`` with
-    ``s = residual_gaussian_scale(bits)`` and ``x`` the first ``num`` draws of
-    ``np.random.default_rng(seed).standard_normal``, in rows of 8. Rate–distortion bound for
-    unit variance: D(R) = 2^(−2R) (0.0625, 0.0156, 0.0039 at R = 2, 3, 4).
-
-    Args:
-      bits: 2, 3 or 4.
-      num: number of weights, a positive multiple of 8.
-      seed: numpy seed.
-
-    Returns:
-      The MSE as a Python float.
-    """
-    bits = _check_bits(bits, "gaussian_mse")
-    if isinstance(num, bool) or not isinstance(num, int) or num <= 0 or num % _DIM:
-        raise ValueError(f"gaussian_mse num: expected a positive multiple of 8, got {num!r}.")
-    x = np.random.default_rng(seed).standard_normal(num).reshape(-1, _DIM)
-    s = residual_gaussian_scale(bits)
-    idx = residual_encode(jnp.asarray(x / s, jnp.float32), bits)
-    x_hat = s * np.asarray(residual_decode(idx, bits), np.float64)
-    return float(np.mean((x - x_hat) ** 2))

@@ -1,5 +1,5 @@
-"""Vector formats: what the code of one vector of weights can be, and ``VQ``, the rule-level
-recipe (format + scales + rotation + QAT mode) that ``QuantRule(weight=VQ(...))`` selects.
+"""Vector formats: what the code of one vector of weights can be (``VectorQuantizer``, in
+``quantizer``, adds scales, codebooks, rotation and the QAT mode).
 
 Terminology:
   vector:      ``vector_dim`` (d) consecutive weights of one output column along the input
@@ -18,7 +18,8 @@ Terminology:
 
 Every format defines ``encode`` (x [M, d] in unit space -> codes) and ``decode`` (codes ->
 [M, d]); ``code_bits_per_weight`` is the information rate of its codes (the stored rate is
-``8 * code_bytes / d``).
+``8 * code_bytes / d``, or ``code_bits / d`` for bit-packed codes); ``gaussian_mse`` measures
+its distortion on N(0, 1) samples.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ from jaxquant.vq import e8p as e8p_lib
 from jaxquant.vq import kmeans as kmeans_lib
 from jaxquant.vq import pyramid as pyramid_lib
 from jaxquant.vq import trellis as trellis_lib
-
-QAT_MODES = ("ste", "dkm")
 
 
 def words_to_bytes(words: jax.Array, widths: tuple[int, ...]) -> jax.Array:
@@ -123,6 +122,23 @@ class VectorFormat(abc.ABC):
         del codes, codebook
         return None
 
+    def gaussian_mse(self, num: int = 2**16, seed: int = 0) -> float:
+        """MSE of ``s · decode(encode(x / s))`` on ``num`` N(0, 1) samples (numpy PCG64
+        ``seed``, in rows of ``vector_dim``), ``s = unit_scale``; a learned format fits its
+        codebook to the same samples. Compare with the Shannon bound ``2^(−2R)`` at
+        ``R = code_bits_per_weight``."""
+        d = self.vector_dim
+        if isinstance(num, bool) or not isinstance(num, int) or num < d or num % d:
+            raise ValueError(
+                f"{self.name} gaussian_mse num={num!r}: expected a positive multiple of {d}."
+            )
+        x = np.random.default_rng(seed).standard_normal((num // d, d))
+        xf = jnp.asarray(x, jnp.float32)
+        s = self.unit_scale
+        codebook = self.fit(xf / s, None, jax.random.key(seed)) if self.learned else None
+        y = s * np.asarray(self.decode(self.encode(xf / s, codebook), codebook), np.float64)
+        return float(np.mean((x - y) ** 2))
+
     def check_dims(self) -> None:
         d = self.vector_dim
         if isinstance(d, bool) or not isinstance(d, int) or d < 1:
@@ -188,8 +204,7 @@ class KMeans(VectorFormat):
         return kmeans_lib.kmeans(x, c, weights=weights, iters=self.iters, key=key)
 
     def encode(self, x, codebook, weights=None):
-        w = kmeans_lib._full_weights(x, weights)
-        idx, _ = kmeans_lib._assign(x.astype(jnp.float32), w, codebook.astype(jnp.float32))
+        idx = kmeans_lib.assign(x, codebook, weights)
         return words_to_bytes(idx[:, None], (self.code_bytes,))
 
     def decode(self, codes, codebook):
@@ -419,183 +434,3 @@ class Trellis(VectorFormat):
         c = codes.astype(jnp.uint16).reshape(codes.shape[0], -1, 2)
         stream = c[..., 0] | (c[..., 1] << 8)
         return trellis_lib.decode(stream, self.bits, self.length)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class VQ:
-    """A vector-quantization recipe for a weight, accepted wherever rules take a format.
-
-    The weight is viewed as ``[K, N]`` (K: the contracted axis 0 of its view, N: the rest),
-    optionally rotated (``rotate``: randomized Hadamard incoherence, ``rotation``), cut into
-    vectors of ``format.vector_dim`` along K, divided by a per-group scale (one per
-    ``group_size`` rows and output column; per column when None) and encoded.
-
-    Attributes:
-      format: a ``VectorFormat`` (``KMeans``, ``E8P``, ``PyramidVQ``, ``Trellis``).
-      group_size: rows of K per scale, a multiple of ``format.vector_dim``; None: per column.
-      codebook_groups: learned formats: one codebook per this many groups of output columns.
-      rotate: randomized Hadamard incoherence (signs drawn from ``seed``).
-      seed: seed of the rotation signs and of k-means' seeding.
-      refit_scale: after encoding (RTN, not Hessian-aware), replace each scale by the
-        least-squares one for its decoded group, which never raises the error.
-      qat: ``'ste'`` (quantize-dequantize forward, straight-through gradient) or ``'dkm'``
-        (differentiable k-means for learned formats: soft assignment to a learned codebook).
-      dkm_temperature: DKM's softmax temperature, in unit-space squared distance.
-      dkm_iters: DKM's soft k-means iterations per forward pass.
-    """
-
-    format: VectorFormat
-    group_size: int | None = None
-    codebook_groups: int = 1
-    rotate: bool = False
-    seed: int = 0
-    refit_scale: bool = True
-    qat: str = "ste"
-    dkm_temperature: float = 0.05
-    dkm_iters: int = 1
-
-    def __post_init__(self):
-        if not isinstance(self.format, VectorFormat):
-            raise TypeError(f"VQ format={self.format!r}: expected a VectorFormat.")
-        d = self.format.vector_dim
-        g = self.group_size
-        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1 or g % d):
-            raise ValueError(
-                f"VQ group_size={g!r}: expected None or a positive multiple of the format's "
-                f"vector_dim={d}."
-            )
-        cg = self.codebook_groups
-        if isinstance(cg, bool) or not isinstance(cg, int) or cg < 1:
-            raise ValueError(f"VQ codebook_groups={cg!r}: expected an int >= 1.")
-        if cg > 1 and not self.format.learned:
-            raise ValueError(
-                f"VQ codebook_groups={cg}: {self.format.name} has a fixed codebook; only learned "
-                "formats (KMeans) fit one per group of columns."
-            )
-        if self.qat not in QAT_MODES:
-            raise ValueError(f"VQ qat={self.qat!r}: expected one of {QAT_MODES}.")
-        if self.qat == "dkm" and not self.format.learned:
-            raise ValueError(
-                f"VQ qat='dkm' needs a learned codebook (KMeans), not {self.format.name}."
-            )
-        if self.qat == "dkm" and self.rotate:
-            raise ValueError("VQ qat='dkm' with rotate=True: DKM trains unrotated weights.")
-        if not self.dkm_temperature > 0:
-            raise ValueError(f"VQ dkm_temperature={self.dkm_temperature!r}: expected > 0.")
-        if isinstance(self.dkm_iters, bool) or not isinstance(self.dkm_iters, int):
-            raise ValueError(f"VQ dkm_iters={self.dkm_iters!r}: expected an int >= 0.")
-        if self.dkm_iters < 0:
-            raise ValueError(f"VQ dkm_iters={self.dkm_iters!r}: expected an int >= 0.")
-
-    @property
-    def name(self) -> str:
-        parts = [self.format.name]
-        if self.rotate:
-            parts.append("rht")
-        if self.group_size:
-            parts.append(f"g{self.group_size}")
-        if self.codebook_groups > 1:
-            parts.append(f"cb{self.codebook_groups}")
-        if self.qat == "dkm":
-            parts.append("dkm")
-        return "_".join(parts)
-
-    def check_shape(self, k: int, n: int) -> None:
-        """Raises ValueError when a ``[k, n]`` weight view cannot take this recipe."""
-        d = self.format.vector_dim
-        if k % d:
-            raise ValueError(
-                f"VQ {self.name}: the contracted size K={k} is not a multiple of the format's "
-                f"vector_dim={d}."
-            )
-        if self.group_size is not None and k % self.group_size:
-            raise ValueError(f"VQ {self.name}: group_size={self.group_size} does not divide K={k}.")
-        if n % self.codebook_groups:
-            raise ValueError(
-                f"VQ {self.name}: codebook_groups={self.codebook_groups} does not divide the "
-                f"{n} output columns."
-            )
-
-    def __str__(self) -> str:
-        return self.name
-
-
-def stored_bits_per_weight(fmt: VectorFormat) -> float:
-    """Bits per weight of the stored codes (``code_bits`` or ``8 * code_bytes``, over d)."""
-    return (fmt.code_bits or 8 * fmt.code_bytes) / fmt.vector_dim
-
-
-def gaussian_code_mse(fmt: VectorFormat, num: int = 2**16, seed: int = 0) -> float:
-    """MSE of ``s · decode(encode(x / s))`` on ``num`` N(0, 1) samples, ``s = unit_scale``
-    (a learned format fits its codebook to the same samples)."""
-    d = fmt.vector_dim
-    m = max(1, num // d)
-    x = jnp.asarray(np.random.default_rng(seed).standard_normal((m, d)), jnp.float32)
-    s = fmt.unit_scale
-    codebook = fmt.fit(x / s, None, jax.random.key(seed)) if fmt.learned else None
-    y = s * fmt.decode(fmt.encode(x / s, codebook), codebook)
-    return float(jnp.mean((x - y) ** 2)) if math.prod(x.shape) else 0.0
-
-
-_SUFFIX_HELP = "suffixes: _rht (rotate), _g<N> (group_size), _cb<G> (codebook_groups), _dkm"
-
-
-def _base_format(base: str) -> VectorFormat | None:
-    """The format a base name stands for (``kmeans_d4_b8``, ...), or None."""
-    import re
-
-    m = re.fullmatch(r"kmeans_d(\d+)_b(\d+)", base)
-    if m:
-        return KMeans(int(m.group(1)), int(m.group(2)))
-    m = re.fullmatch(r"e8p(\d)", base)
-    if m:
-        return E8P(int(m.group(1)))
-    m = re.fullmatch(r"trellis(\d)_t(\d+)", base)
-    if m:
-        return Trellis(int(m.group(1)), int(m.group(2)))
-    m = re.fullmatch(r"pvq_n(\d+)_k(\d+)_b(\d+)", base)
-    if m:
-        return PyramidVQ(int(m.group(1)), int(m.group(2)), int(m.group(3)))
-    for parse in _PARSERS:
-        fmt = parse(base)
-        if fmt is not None:
-            return fmt
-    return None
-
-
-# Other modules' formats register a ``parse(base) -> VectorFormat | None`` here.
-_PARSERS: list = []
-
-
-def get_vq(name: str) -> VQ:
-    """The ``VQ`` recipe a name stands for: a format name plus optional suffixes.
-
-    Format names: ``kmeans_d<d>_b<bits>`` and those of the other formats (``VQ.name`` of any
-    recipe parses back). Suffixes: ``_rht`` (rotate), ``_g<N>`` (group_size), ``_cb<G>``
-    (codebook_groups), ``_dkm`` (DKM QAT).
-
-    Example:
-      >>> get_vq("kmeans_d4_b8_rht_g64")
-      VQ(format=KMeans(vector_dim=4, index_bits=8, iters=100), group_size=64, ..., rotate=True)
-    """
-    import re
-
-    parts = name.lower().split("_")
-    kwargs = {}
-    while parts:
-        tail = parts[-1]
-        if tail == "rht":
-            kwargs["rotate"] = True
-        elif tail == "dkm":
-            kwargs["qat"] = "dkm"
-        elif re.fullmatch(r"g\d+", tail):
-            kwargs["group_size"] = int(tail[1:])
-        elif re.fullmatch(r"cb\d+", tail):
-            kwargs["codebook_groups"] = int(tail[2:])
-        else:
-            break
-        parts.pop()
-    fmt = _base_format("_".join(parts))
-    if fmt is None:
-        raise ValueError(f"VQ recipe {name!r}: unknown format name ({_SUFFIX_HELP}).")
-    return VQ(format=fmt, **kwargs)

@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 # Gain codebooks are designed on this many N(0, I_n) vectors drawn from this seed (chosen
-# apart from gaussian_mse's default seed, so that the reported MSE is out of sample).
+# apart from the default seed of ``PyramidVQ.gaussian_mse``, so that the reported MSE is out of
+# sample).
 _GAIN_DESIGN_SAMPLES = 2**16
 _GAIN_DESIGN_SEED = 20241022
 _GAIN_METHODS = ("lloyd_max", "quantile")
@@ -685,7 +686,7 @@ def bits_per_weight(n: int, k: int, gain_bits: int) -> float:
 
     Not rounded up: this is what an entropy/arithmetic coder of uniform indices approaches, or
     what packing several indices into one integer (mixed radix) gives. A fixed-length index
-    costs :func:`stored_bits_per_weight`.
+    costs :func:`fixed_length_bits_per_weight`.
 
     Args:
       n: dimension, ≥ 1.
@@ -705,7 +706,7 @@ def bits_per_weight(n: int, k: int, gain_bits: int) -> float:
     return (math.log2(pvq_count(n, k)) + gain_bits) / n
 
 
-def stored_bits_per_weight(n: int, k: int, gain_bits: int) -> float:
+def fixed_length_bits_per_weight(n: int, k: int, gain_bits: int) -> float:
     """The rate with a fixed-length index: (⌈log2 V(n, K)⌉ + gain_bits) / n.
 
     Args:
@@ -717,44 +718,10 @@ def stored_bits_per_weight(n: int, k: int, gain_bits: int) -> float:
       Bits per weight (float).
 
     Example:
-      >>> stored_bits_per_weight(8, 4, 4)   # ⌈log2 2816⌉ = 12
+      >>> fixed_length_bits_per_weight(8, 4, 4)   # ⌈log2 2816⌉ = 12
       2.0
     """
-    n = _int_arg(n, "n", "stored_bits_per_weight", 1)
-    k = _int_arg(k, "k", "stored_bits_per_weight", 1)
-    gain_bits = _int_arg(gain_bits, "gain_bits", "stored_bits_per_weight", 0)
+    n = _int_arg(n, "n", "fixed_length_bits_per_weight", 1)
+    k = _int_arg(k, "k", "fixed_length_bits_per_weight", 1)
+    gain_bits = _int_arg(gain_bits, "gain_bits", "fixed_length_bits_per_weight", 0)
     return ((pvq_count(n, k) - 1).bit_length() + gain_bits) / n
-
-
-def gaussian_mse(
-    n: int, k: int, gain_bits: int, num: int = 2**16, seed: int = 0
-) -> tuple[float, float]:
-    """Rate and MSE per weight of shape-gain PVQ on ``num`` N(0, I_n) vectors.
-
-    Args:
-      n: dimension, ≥ 1.
-      k: number of pulses K ≥ 1, with V(n, K) < 2**32.
-      gain_bits: 0 ≤ gain_bits ≤ 8.
-      num: number of vectors, ≥ 1.
-      seed: numpy PCG64 seed of the sample.
-
-    Returns:
-      ``(bits_per_weight(n, k, gain_bits), mse)``, mse = mean over all coordinates of
-      ``(x − pvq_dequantize(pvq_quantize(x)))²``; compare with D(R) = 2**(−2R).
-
-    Example:
-      >>> gaussian_mse(8, 6, 1)   # ≈ (1.965, 0.1066); D(1.965) = 0.0656, a 0.35-bit gap
-    """
-    n = _int_arg(n, "n", "gaussian_mse", 1)
-    k = _int_arg(k, "k", "gaussian_mse", 1)
-    gain_bits = _int_arg(gain_bits, "gain_bits", "gaussian_mse", 0)
-    num = _int_arg(num, "num", "gaussian_mse", 1)
-    x = np.random.default_rng(seed).standard_normal((num, n)).astype(np.float32)
-
-    @jax.jit
-    def roundtrip(x):
-        index, gain_code = pvq_quantize(x, k, gain_bits)
-        return pvq_dequantize(index, gain_code, n, k, gain_bits)
-
-    mse = float(jnp.mean(jnp.square(roundtrip(jnp.asarray(x)) - x)))
-    return bits_per_weight(n, k, gain_bits), mse

@@ -50,7 +50,8 @@ _BYTE_SUM_STD = 147.800537109375  # f32(√21845), 21845 = 4 · (256² − 1) / 
 
 # Scales minimizing the MSE of N(0, 1) data. The 1MAD values are lighter-tailed than a Gaussian
 # (|value| ≤ 3.45), so from 3 bits on the best scale stretches them past unit variance. Measured
-# with ``gaussian_mse(bits, n, seed, scale=s)`` (T = 256): a coarse grid (s = 0.74..1.07 in steps
+# with ``decode(encode(x, bits, scale=s), bits, 256, scale=s)`` on the samples of
+# ``Trellis(bits, 256).gaussian_mse`` (T = 256): a coarse grid (s = 0.74..1.07 in steps
 # of 0.03 for k ≤ 3, 1.0..1.6 in steps of 0.06 for k ≥ 4; n = 2^15, seed 0), then steps of 0.01
 # (k ≤ 3) or 0.02 (k ≥ 4) around its minimum (n = 2^16, seed 1). The MSE is flat to ~0.5% within
 # ±0.03 of these values; where two grid points tied, the middle was kept.
@@ -113,7 +114,7 @@ def code_table(state_bits: int = STATE_BITS) -> np.ndarray:
 def gaussian_scale(bits: int) -> float:
     """The ``scale`` minimizing the MSE of encoding N(0, 1) data at ``bits`` per weight.
 
-    Measured once per bit width (see ``_GAUSSIAN_SCALE``) with :func:`gaussian_mse`.
+    Measured once per bit width (see ``_GAUSSIAN_SCALE``) on N(0, 1) samples.
 
     Args:
       bits: k, 1..8.
@@ -246,32 +247,6 @@ def decode(
     bits, length = _check_stream(bitstream, bits, length, "decode")
     scale = _check_scale(scale, bits, "decode")
     return jnp.float32(scale) * one_mad(states(bitstream, bits, length))
-
-
-def gaussian_mse(bits: int, n: int = 1 << 16, seed: int = 0, *, scale: float | None = None):
-    """Mean squared error of :func:`encode` → :func:`decode` on ``n`` N(0, 1) samples.
-
-    The samples come from ``np.random.default_rng(seed)`` and are cut into sequences of 256
-    weights. The benchmark behind ``gaussian_scale`` and the numbers in the tests.
-
-    Args:
-      bits: k, 1..8.
-      n: number of samples, a positive multiple of 256.
-      seed: numpy seed.
-      scale: default ``gaussian_scale(bits)``.
-
-    Returns:
-      float: the MSE (the Shannon bound for a unit Gaussian is 2^(−2k)).
-
-    Example:
-      >>> gaussian_mse(2)   # 0.0689 (2^16 samples; Shannon bound 0.0625)
-    """
-    _check_bits(bits, "gaussian_mse")
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0 or n % 256:
-        raise ValueError(f"gaussian_mse n: expected a positive multiple of 256, got {n!r}.")
-    x = np.random.default_rng(seed).standard_normal(n).astype(np.float32).reshape(-1, 256)
-    x_hat = decode(encode(jnp.asarray(x), bits, scale=scale), bits, 256, scale=scale)
-    return float(np.mean((np.asarray(x_hat, np.float64) - x) ** 2))
 
 
 # --- Viterbi ----------------------------------------------------------------------------------

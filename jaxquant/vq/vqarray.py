@@ -1,9 +1,9 @@
-"""VQArray, the vector-quantized weight, and ``quantize_vq``, ``vq_matmul``, ``fake_quant_vq``.
+"""VQArray, the vector-quantized weight, and the encoding behind ``VectorQuantizer.quantize``.
 
 Terminology (see ``formats`` for vector, unit space, codes, codebook, lookup):
   matrix view: a weight of shape ``[K, *rest]`` contracted over axis 0 is handled as
                ``[K, N]`` with ``N = prod(rest)``.
-  rotated:     with ``VQ(rotate=True)`` the codes store ``w' = H_K S_in w S_out H_N``
+  rotated:     with ``VectorQuantizer(rotate=True)`` the codes store ``w' = H_K S_in w S_out H_N``
                (``rotation``); without, ``w' = w``.
   scale:       f32 [K // g, N]: one per ``g = group_size`` rows (all K when None) and column.
 
@@ -13,10 +13,11 @@ group size::
     w'[j*d + i, n] = v[j, n][i] · scale[(j*d + i) // g, n]
     w = S_in H_K w' H_N S_out   (rotated)   or   w = w'
 
-Serving (``vq_matmul``) computes ``x @ w`` as ``rotate_output(codebook_matmul(rotate_input(x),
-...))`` when the format has lookup tables (one ``codebook_matmul`` per stage and codebook
-group, summed/concatenated), else as ``x' @ w'`` with ``w'`` dequantized: the weight is never
-un-rotated, the two Hadamard transforms act on activations.
+Serving (``VQArray.dot_general``) computes ``x @ w`` as
+``rotate_output(codebook_matmul(rotate_input(x), ...))`` when the format has lookup tables
+(one ``codebook_matmul`` per stage and codebook group, summed/concatenated), else as
+``x' @ w'`` with ``w'`` dequantized: the weight is never un-rotated, the two Hadamard
+transforms act on activations.
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxquant.numerics.qarray import QuantizedTensor, check_input
+from jaxquant.numerics import QuantizedTensor
+from jaxquant.numerics.kernel_options import current_kernel_options
+from jaxquant.numerics.qarray import dequantized_dot_general, is_plain_matmul, mesh_axis_size
 from jaxquant.vq import rotation
-from jaxquant.vq.formats import VQ
+from jaxquant.vq.formats import VectorFormat
 from pallas_kernels import packing
 from pallas_kernels.codebook_matmul import codebook_matmul
 
@@ -41,32 +46,33 @@ from pallas_kernels.codebook_matmul import codebook_matmul
 class VQArray(QuantizedTensor):
     """A vector-quantized weight: codes, scales, an optional codebook and rotation signs.
 
-    Invariants (K, N: the matrix view; d: ``recipe.format.vector_dim``; G:
-    ``recipe.codebook_groups``; B: ``recipe.format.code_bytes``):
+    Invariants (K, N: the matrix view; d: ``format.vector_dim``; G: ``codebook_groups``; B:
+    ``format.code_bytes``; g: ``group_size`` or K):
       * ``codes`` uint8 [K // d, N, B], or, for codes of ``b = format.code_bits < 8`` bits,
         bit-packed along N: uint8 [K // d, packing.packed_length(N, b)];
       * ``scale`` f32 [K // g, N];
       * ``codebook`` f32 [G, C, d] for learned formats (columns ``[c·N/G, (c+1)·N/G)`` use
         codebook c), else None;
-      * ``signs_in`` uint8 [ceil(K / 8)] and ``signs_out`` uint8 [ceil(N / 8)] with
-        ``recipe.rotate``, else None.
+      * ``signs_in`` uint8 [ceil(K / 8)] and ``signs_out`` uint8 [ceil(N / 8)] when the weight
+        was rotated, else None.
     The dequantization equation is in the module docstring. A pytree: arrays are leaves, the
-    shape, dtype and recipe are static.
+    shape, dtype and layout (format, group size, codebook groups) are static.
     """
 
     codes: jax.Array
     scale: jax.Array
     shape: tuple[int, ...] = struct.field(pytree_node=False)
     dtype: Any = struct.field(pytree_node=False)
-    recipe: VQ = struct.field(pytree_node=False)
+    format: VectorFormat = struct.field(pytree_node=False)
+    group_size: int | None = struct.field(pytree_node=False, default=None)
+    codebook_groups: int = struct.field(pytree_node=False, default=1)
     codebook: jax.Array | None = None
     signs_in: jax.Array | None = None
     signs_out: jax.Array | None = None
 
     @property
-    def format(self):
-        """The recipe (its ``name`` is what reports print)."""
-        return self.recipe
+    def rotated(self) -> bool:
+        return self.signs_in is not None
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -74,7 +80,7 @@ class VQArray(QuantizedTensor):
 
     def code_words(self) -> jax.Array:
         """uint8 [K // d, N, B]: the codes, unpacked."""
-        return unpack_codes(self.codes, self.recipe.format, self.matrix_shape[1])
+        return unpack_codes(self.codes, self.format, self.matrix_shape[1])
 
     def rotated_matrix(self) -> jax.Array:
         """f32 [K, N]: ``w'``, the weight in the rotated basis the codes describe."""
@@ -91,23 +97,103 @@ class VQArray(QuantizedTensor):
     def dequantize(self, dtype=None) -> jax.Array:
         """The weight the codes stand for, in ``dtype`` (default ``self.dtype``)."""
         w = self.rotated_matrix()
-        if self.recipe.rotate:
+        if self.rotated:
             w = rotation.unrotate_weight(w, *self.signs())
         return w.reshape(self.shape).astype(self.dtype if dtype is None else dtype)
 
-    @property
-    def bits_per_weight(self) -> float:
-        """``8 * nbytes / size``: every overhead counted."""
-        return 8 * self.nbytes / self.size
+    def dot_general(self, lhs, dimension_numbers, precision=None, preferred_element_type=None):
+        """``lax.dot_general(lhs, self.dequantize(lhs.dtype), dimension_numbers, ...)``.
+
+        A plain ``lhs [..., K] @ self [K, ...]`` of a float32/bfloat16 ``lhs`` (with
+        ``kernel_options(enabled=True)``, the default) rotates the activations instead of the
+        weight and multiplies with ``pallas_kernels.codebook_matmul`` on the codes (one call
+        per stage and codebook group) when the format has lookup tables, else with the rotated
+        matrix; anything else is dequantized, then multiplied.
+        """
+        options = current_kernel_options()
+        if not (
+            options.enabled
+            and lhs.dtype in (jnp.float32, jnp.bfloat16)
+            and is_plain_matmul(lhs, dimension_numbers)
+        ):
+            return dequantized_dot_general(
+                lhs, self, dimension_numbers, precision, preferred_element_type
+            )
+        out_dtype = lhs.dtype if preferred_element_type is None else preferred_element_type
+        k = self.matrix_shape[0]
+        x2 = lhs.reshape(-1, k)
+        if self.rotated:
+            s_in, s_out = self.signs()
+            x2 = rotation.rotate_input(x2.astype(jnp.float32), s_in).astype(x2.dtype)
+        y = _lookup_matmul(x2, self, options.implementation, options.interpret)
+        if y is None:
+            w = self.rotated_matrix()
+            y = jnp.matmul(x2.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+        y = y.astype(jnp.float32)
+        if self.rotated:
+            y = rotation.rotate_output(y, s_out)
+        return y.astype(out_dtype).reshape(lhs.shape[:-1] + tuple(self.shape[1:]))
+
+    def shardings(self, weight_sharding: NamedSharding) -> VQArray:
+        """The sharding of each array of this VQArray, given the float weight's ``[K, *rest]``.
+
+        Codes and scales follow the weight's mesh axes on K (axis 0: ``K // d`` vectors,
+        ``K // g`` scale rows) when every shard holds whole vectors and whole scale groups, and
+        on the output columns when the weight is a matrix ``[K, N]`` sharded on N and each
+        shard holds whole codebook groups and whole bytes of bit-packed codes; codebooks and
+        rotation signs are replicated (they are small, and every column needs them). Works on
+        concrete and abstract VQArrays.
+        """
+        mesh = weight_sharding.mesh
+        spec = list(weight_sharding.spec) + [None] * (self.ndim - len(weight_sharding.spec))
+        if len(spec) != self.ndim:
+            raise ValueError(
+                f"VQArray.shardings weight_sharding: spec {weight_sharding.spec} has more "
+                f"dimensions than the VQArray's shape {self.shape}."
+            )
+        k, n = self.matrix_shape
+        d, g = self.format.vector_dim, self.group_size or k
+
+        def divides(entry, m: int) -> bool:
+            return entry is not None and m % mesh_axis_size(mesh, entry) == 0
+
+        # K: codes [K // d, ...] split when every device holds whole vectors, the scales
+        # [K // g, N] when there is more than one group row and every device holds whole groups.
+        row, scale_row = spec[0], None
+        if not divides(row, k // d):
+            row = None
+        elif k // g > 1:
+            scale_row = row if divides(row, k // g) else None
+            row = row if scale_row is not None else None  # a device's codes need their scales
+        # N (matrix weights only): whole codebook groups and whole bytes of packed codes.
+        col = spec[1] if self.ndim == 2 else None
+        if col is not None:
+            size = mesh_axis_size(mesh, col)
+            per_device = n // size if n % size == 0 else 0
+            ok = per_device > 0 and (
+                self.codebook_groups == 1 or per_device % (n // self.codebook_groups) == 0
+            )
+            if self.format.code_bits is not None:
+                ok = ok and per_device * self.format.code_bits % 8 == 0
+            col = col if ok else None
+        codes_spec = (row, col) if self.codes.ndim == 2 else (row, col, None)
+        replicated = NamedSharding(mesh, P())
+        return self.replace(
+            codes=NamedSharding(mesh, P(*codes_spec)),
+            scale=NamedSharding(mesh, P(scale_row, col)),
+            codebook=None if self.codebook is None else replicated,
+            signs_in=None if self.signs_in is None else replicated,
+            signs_out=None if self.signs_out is None else replicated,
+        )
 
 
 def _rotated_matrix(q: VQArray) -> jax.Array:
-    fmt = q.recipe.format
+    fmt = q.format
     k, n = q.matrix_shape
     d = fmt.vector_dim
     nv = k // d
     codes = q.code_words()
-    groups = q.recipe.codebook_groups
+    groups = q.codebook_groups
     cols = n // groups
     parts = []
     for c in range(groups):
@@ -116,7 +202,7 @@ def _rotated_matrix(q: VQArray) -> jax.Array:
         parts.append(fmt.decode(sub, cb).reshape(nv, cols, d))
     v = jnp.concatenate(parts, axis=1) if groups > 1 else parts[0]  # [K // d, N, d]
     w = v.transpose(0, 2, 1).reshape(k, n)
-    g = q.recipe.group_size or k
+    g = q.group_size or k
     return (w.reshape(k // g, g, n) * q.scale[:, None, :]).reshape(k, n)
 
 
@@ -151,17 +237,17 @@ def from_vectors(v: jax.Array) -> jax.Array:
     return v.transpose(0, 2, 1).reshape(nv * d, n)
 
 
-def group_rms_scale(w2: jax.Array, recipe: VQ) -> jax.Array:
+def group_rms_scale(w2: jax.Array, quantizer) -> jax.Array:
     """f32 [K // g, N]: each group's RMS times the format's unit scale (1 for all-zero groups)."""
     k, n = w2.shape
-    g = recipe.group_size or k
+    g = quantizer.group_size or k
     rms = jnp.sqrt(jnp.mean(jnp.square(w2.reshape(k // g, g, n)), axis=1))
-    return jnp.where(rms > 0, rms * recipe.format.unit_scale, 1.0)
+    return jnp.where(rms > 0, rms * quantizer.format.unit_scale, 1.0)
 
 
-def rotation_signs(recipe: VQ, k: int, n: int):
-    """(signs_in, signs_out) packed bits for a ``[k, n]`` weight, from ``recipe.seed``."""
-    k_in, k_out = jax.random.split(jax.random.fold_in(jax.random.key(recipe.seed), 0x8AD))
+def rotation_signs(seed: int, k: int, n: int):
+    """(signs_in, signs_out) packed bits for a ``[k, n]`` weight, drawn from ``seed``."""
+    k_in, k_out = jax.random.split(jax.random.fold_in(jax.random.key(seed), 0x8AD))
     return rotation.random_signs(k_in, k), rotation.random_signs(k_out, n)
 
 
@@ -172,14 +258,14 @@ def expand_scale(scale: jax.Array, k: int, g: int) -> jax.Array:
     )
 
 
-def encode_matrix(x2: jax.Array, codebook, recipe: VQ, weights=None) -> jax.Array:
+def encode_matrix(x2: jax.Array, codebook, quantizer, weights=None) -> jax.Array:
     """uint8 [K // d, N, B]: codes of a unit-space matrix ``x2`` [K, N] (codebook [G, C, d])."""
-    fmt = recipe.format
+    fmt = quantizer.format
     d = fmt.vector_dim
     v = vectors(x2, d)
     wv = None if weights is None else vectors(weights, d)
     nv, n, _ = v.shape
-    groups = recipe.codebook_groups
+    groups = quantizer.codebook_groups
     cols = n // groups
     parts = []
     for c in range(groups):
@@ -190,15 +276,15 @@ def encode_matrix(x2: jax.Array, codebook, recipe: VQ, weights=None) -> jax.Arra
     return jnp.concatenate(parts, axis=1) if groups > 1 else parts[0]
 
 
-def fit_codebook(x2: jax.Array, recipe: VQ, key, weights=None) -> jax.Array | None:
+def fit_codebook(x2: jax.Array, quantizer, key, weights=None) -> jax.Array | None:
     """f32 [G, C, d] codebooks of a unit-space matrix (learned formats), else None."""
-    fmt = recipe.format
+    fmt = quantizer.format
     if not fmt.learned:
         return None
     d = fmt.vector_dim
     v = vectors(x2, d)
     wv = None if weights is None else vectors(weights, d)
-    groups = recipe.codebook_groups
+    groups = quantizer.codebook_groups
     cols = v.shape[1] // groups
     out = []
     for c, kc in enumerate(jax.random.split(key, groups)):
@@ -208,96 +294,61 @@ def fit_codebook(x2: jax.Array, recipe: VQ, key, weights=None) -> jax.Array | No
     return jnp.stack(out)
 
 
-def quantize_vq(
-    w: jax.Array,
-    recipe: VQ,
-    *,
-    importance: jax.Array | None = None,
-    codebook: jax.Array | None = None,
-) -> VQArray:
-    """Vector-quantizes a weight ``[K, *rest]`` (contracted over axis 0) with ``recipe``.
-
-    Rotate (``recipe.rotate``), scale each group to unit RMS, fit the codebook (learned
-    formats), encode every vector, and (``recipe.refit_scale``) refit each scale by least
-    squares on its decoded group.
-
-    Args:
-      w: float ``[K, *rest]``.
-      recipe: a ``VQ``.
-      importance: optional f32 [K], the importance of each input row (the Hessian diagonal
-        ``diag(Σ x xᵀ)``), in the un-rotated basis; k-means weights its distortion by it and
-        formats with a weighted search use it. With ``rotate`` the rotated diagonal is used.
-      codebook: learned formats: f32 [G, C, d] codebooks to encode with instead of fitting
-        them (e.g. DKM's, trained in QAT).
-
-    Returns:
-      A ``VQArray`` of ``w.shape`` and ``w.dtype``.
-
-    Example:
-      >>> q = quantize_vq(w, VQ(format=KMeans(vector_dim=4, index_bits=8)))   # 2 bits/weight
-      >>> y = vq_matmul(x, q)
-    """
-    w = check_input(w, "quantize_vq w")
-    if not isinstance(recipe, VQ):
-        raise TypeError(f"quantize_vq recipe={recipe!r}: expected a VQ.")
-    if w.ndim < 2:
-        raise ValueError(f"quantize_vq w: expected a weight [K, *rest], got shape {w.shape}.")
-    k, n = w.shape[0], math.prod(w.shape[1:])
-    recipe.check_shape(k, n)
-    if importance is not None:
-        importance = jnp.asarray(importance, jnp.float32)
-        if importance.shape != (k,):
-            raise ValueError(
-                f"quantize_vq importance: expected shape ({k},), got {importance.shape}."
-            )
-    if codebook is not None:
-        fmt = recipe.format
-        expected = (recipe.codebook_groups, getattr(fmt, "num_codewords", -1), fmt.vector_dim)
-        if not fmt.learned or tuple(codebook.shape) != expected:
-            raise ValueError(
-                f"quantize_vq codebook: expected f32 {expected} for {recipe.name} (a learned "
-                f"format), got {getattr(codebook, 'shape', codebook)}."
-            )
-    return _quantize_vq(w, importance, codebook, recipe=recipe)
+def unit_matrix(w2: jax.Array, quantizer) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(unit-space matrix, scale [K // g, N], full scale [K, N]) of a (rotated) matrix ``w2``."""
+    k = w2.shape[0]
+    scale = group_rms_scale(w2, quantizer)
+    full = expand_scale(scale, k, quantizer.group_size or k)
+    return w2 / full, scale, full
 
 
-@functools.partial(jax.jit, static_argnames=("recipe",))
-def _quantize_vq(w, importance, codebook, *, recipe: VQ) -> VQArray:
+@functools.partial(jax.jit, static_argnames=("quantizer",))
+def encode_weight(w, importance, codebook, *, quantizer) -> VQArray:
+    """Round-to-nearest vector quantization of a weight ``[K, *rest]`` (arguments checked by
+    ``VectorQuantizer.quantize``): rotate, scale each group to unit RMS, fit the codebook
+    (learned formats, unless ``codebook`` [G, C, d] is given), encode every vector to its
+    nearest code (weighted by ``importance`` [K] where the format's search takes weights), and
+    refit each scale by least squares on its decoded group (``quantizer.refit_scale``)."""
     k, n = w.shape[0], math.prod(w.shape[1:])
     w2 = as_matrix(w)
     signs_in = signs_out = None
-    if recipe.rotate:
-        signs_in, signs_out = rotation_signs(recipe, k, n)
+    if quantizer.rotate:
+        signs_in, signs_out = rotation_signs(quantizer.seed, k, n)
         s_in, s_out = rotation.unpack_signs(signs_in, k), rotation.unpack_signs(signs_out, n)
         w2 = rotation.rotate_weight(w2, s_in, s_out)
         if importance is not None:  # diag(H_K S D S H_K) for a diagonal D
             h = rotation.rotate_hessian(jnp.diag(importance), s_in)
             importance = jnp.diag(h)
-    scale = group_rms_scale(w2, recipe)
-    g = recipe.group_size or k
-    full = expand_scale(scale, k, g)
-    x2 = w2 / full
+    x2, scale, full = unit_matrix(w2, quantizer)
     weights = None
     if importance is not None:
         weights = jnp.maximum(importance, 0.0)[:, None] * jnp.square(full)
     if codebook is None:
-        codebook = fit_codebook(x2, recipe, jax.random.key(recipe.seed), weights)
+        codebook = fit_codebook(x2, quantizer, jax.random.key(quantizer.seed), weights)
     else:
         codebook = codebook.astype(jnp.float32)
-    codes = encode_matrix(x2, codebook, recipe, weights)
-    q = VQArray(
-        codes=pack_codes(codes, recipe.format),
+    codes = encode_matrix(x2, codebook, quantizer, weights)
+    q = assemble(codes, scale, w, quantizer, codebook, signs_in, signs_out)
+    if quantizer.refit_scale:
+        q = q.replace(scale=refit_scale(q, w2, importance))
+    return q
+
+
+def assemble(codes, scale, w, quantizer, codebook, signs_in, signs_out) -> VQArray:
+    """The VQArray of a weight ``w`` (its shape and dtype) from unpacked codes
+    [K // d, N, B], scales, the codebook and rotation signs, laid out by ``quantizer``."""
+    return VQArray(
+        codes=pack_codes(codes, quantizer.format),
         scale=scale,
         shape=tuple(w.shape),
         dtype=np.dtype(w.dtype),
-        recipe=recipe,
+        format=quantizer.format,
+        group_size=quantizer.group_size,
+        codebook_groups=quantizer.codebook_groups,
         codebook=codebook,
         signs_in=signs_in,
         signs_out=signs_out,
     )
-    if recipe.refit_scale:
-        q = q.replace(scale=refit_scale(q, w2, importance))
-    return q
 
 
 def refit_scale(q: VQArray, w2: jax.Array, importance=None) -> jax.Array:
@@ -305,7 +356,7 @@ def refit_scale(q: VQArray, w2: jax.Array, importance=None) -> jax.Array:
     unit-space values ``v`` (``h``: importance per row, 1 by default); the old scale where
     ``v`` is 0."""
     k, n = w2.shape
-    g = q.recipe.group_size or k
+    g = q.group_size or k
     unit = q.replace(scale=jnp.ones_like(q.scale)).rotated_matrix()
     h = jnp.ones((k, 1)) if importance is None else jnp.maximum(importance, 0.0)[:, None]
     num = jnp.sum((h * w2 * unit).reshape(k // g, g, n), axis=1)
@@ -313,58 +364,17 @@ def refit_scale(q: VQArray, w2: jax.Array, importance=None) -> jax.Array:
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), q.scale)
 
 
-def vq_matmul(
-    x: jax.Array,
-    q: VQArray,
-    *,
-    out_dtype=None,
-    implementation: str | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """``x @ q.dequantize()`` for ``x`` [..., K]: rotations on the activations, and
-    ``codebook_matmul`` on the codes when the format has lookup tables.
-
-    Args:
-      x: float32 or bfloat16 [..., K].
-      q: a ``VQArray`` of shape ``[K, *rest]``.
-      out_dtype: the result's dtype (default ``x.dtype``).
-      implementation, interpret: passed to ``codebook_matmul``.
-
-    Returns:
-      [..., *rest] in ``out_dtype``.
-    """
-    k, n = q.matrix_shape
-    if x.shape[-1] != k:
-        raise ValueError(f"vq_matmul x: last axis {x.shape[-1]} != the weight's K={k}.")
-    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.dtype not in (jnp.float32, jnp.bfloat16):
-        x2 = x2.astype(jnp.float32)
-    if q.recipe.rotate:
-        s_in, s_out = q.signs()
-        x2 = rotation.rotate_input(x2.astype(jnp.float32), s_in).astype(x2.dtype)
-    y = _lookup_matmul(x2, q, implementation, interpret)
-    if y is None:
-        w = q.rotated_matrix()
-        y = jnp.matmul(x2.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
-    y = y.astype(jnp.float32)
-    if q.recipe.rotate:
-        y = rotation.rotate_output(y, s_out)
-    return y.astype(out_dtype).reshape(lead + tuple(q.shape[1:]))
-
-
 def _lookup_matmul(x2, q: VQArray, implementation, interpret):
     """``x2 @ w'`` through ``codebook_matmul`` (f32), or None when the format has no tables."""
-    fmt = q.recipe.format
+    fmt = q.format
     k, n = q.matrix_shape
     d = fmt.vector_dim
     if not 2 <= d <= 8:
         return None
     nv = k // d
-    groups = q.recipe.codebook_groups
+    groups = q.codebook_groups
     cols = n // groups
-    g = q.recipe.group_size
+    g = q.group_size
     codes = q.code_words()
     outs = []
     for c in range(groups):
@@ -392,57 +402,3 @@ def _lookup_matmul(x2, q: VQArray, implementation, interpret):
             )
         outs.append(y)
     return jnp.concatenate(outs, axis=1) if groups > 1 else outs[0]
-
-
-def fake_quant_vq(w: jax.Array, recipe: VQ) -> jax.Array:
-    """Quantize-dequantize with a straight-through gradient (``d out / d w = 1``): the forward
-    value is ``quantize_vq(w, recipe).dequantize()``."""
-    wq = jax.lax.stop_gradient(quantize_vq(jax.lax.stop_gradient(w), recipe).dequantize())
-    return wq + (w - jax.lax.stop_gradient(w))
-
-
-def _per_codebook_group(x2: jax.Array, codebook: jax.Array, recipe: VQ, fn) -> list:
-    """``fn(vectors [M_c, d], codebook[c])`` for each codebook group c of the columns."""
-    d = recipe.format.vector_dim
-    v = vectors(x2, d)
-    nv, n, _ = v.shape
-    cols = n // recipe.codebook_groups
-    return [
-        fn(v[:, c * cols : (c + 1) * cols].reshape(-1, d), codebook[c])
-        for c in range(recipe.codebook_groups)
-    ]
-
-
-def dkm_fake_quant_matrix(x2: jax.Array, codebook: jax.Array, recipe: VQ) -> jax.Array:
-    """DKM's soft-quantized unit-space matrix [K, N] (``dkm.dkm_fake_quant`` on its vectors,
-    one codebook [C, d] per codebook group), differentiable in ``x2`` and ``codebook``."""
-    from jaxquant.vq import dkm
-
-    d = recipe.format.vector_dim
-    nv = x2.shape[0] // d
-    parts = _per_codebook_group(
-        x2,
-        codebook,
-        recipe,
-        lambda v, cb: dkm.dkm_fake_quant(
-            v, cb, temperature=recipe.dkm_temperature, iters=recipe.dkm_iters
-        ).reshape(nv, -1, d),
-    )
-    return from_vectors(jnp.concatenate(parts, axis=1))
-
-
-def dkm_final_codebook(x2: jax.Array, codebook: jax.Array, recipe: VQ) -> jax.Array:
-    """[G, C, d]: the codebooks after DKM's soft k-means iterations on ``x2`` (what freeze
-    assigns the vectors to)."""
-    from jaxquant.vq import dkm
-
-    return jnp.stack(
-        _per_codebook_group(
-            x2,
-            codebook,
-            recipe,
-            lambda v, cb: dkm.dkm_codebook(
-                v, cb, temperature=recipe.dkm_temperature, iters=recipe.dkm_iters
-            ),
-        )
-    )

@@ -43,5 +43,5 @@ def test_cli_prints_json_for_every_preset():
     rows = json.loads(out)
     assert [r["format"] for r in rows] == list(jn.PRESETS)
     by_name = {r["format"]: r for r in rows}
-    assert by_name["MXFP4"]["bits_per_weight"] == 4.25
-    assert by_name["NVFP4"]["mse"] < by_name["MXFP4"]["mse"]
+    assert by_name["mxfp4"]["bits_per_weight"] == 4.25
+    assert by_name["nvfp4"]["mse"] < by_name["mxfp4"]["mse"]

@@ -112,7 +112,7 @@ def test_one_rule_set_quantizes_the_model_and_serve_equals_qat():
         qn.QuantRule(r"mlp/", weight=jn.INT8, act=jn.INT8.on_axis(-1)),
     )
     quant, report = qn.freeze(Llama(SMALL, qn.QuantConfig(rules=rules)), params, t)
-    assert len(report.layers) == 2 * 7 and not report.unmatched_rules
+    assert len(report.weights) == 2 * 7 and not report.unmatched_rules
     assert "embed" not in quant  # the tied embedding/head stays float
     qat = Llama(SMALL, qn.QuantConfig(mode="qat", rules=rules)).apply({"params": params}, t)
     served = {"params": qn.serving_params(params, quant), "quant": quant}

@@ -8,9 +8,11 @@ import pytest
 from flax import traverse_util
 
 import jaxquant.numerics as jn
-from jaxquant.nn import QEinsum, QuantConfig, QuantRule, freeze, kernels, serving_params
+from jaxquant.nn import QDense, QEinsum, QuantConfig, QuantRule, freeze, serving_params
+from jaxquant.numerics import kernel_options
+from jaxquant.numerics import qarray as qarray_lib
 
-E4M3_CHANNEL = jn.Preset("E4M3_CHANNEL", jn.E4M3, jn.Scaling(axis=0))
+E4M3_CHANNEL = jn.ScalarQuantizer(jn.E4M3, jn.Scaling(axis=0))
 KERNEL_PRESETS = {
     "INT8": jn.INT8,
     "INT4_G32": jn.INT4_G128.with_group_size(32),
@@ -43,15 +45,15 @@ def _serve(model, params, tokens, preset, monkeypatch, **options):
     rules = (QuantRule(".*", weight=preset),)
     quant, _ = freeze(model, params, tokens, rules=rules)
     calls = []
-    real = kernels.quantized_matmul
+    real = qarray_lib.quantized_matmul
 
     def spy(*args, **kwargs):
         calls.append(kwargs["fmt"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "quantized_matmul", spy)
+    monkeypatch.setattr(qarray_lib, "quantized_matmul", spy)
     served = model.clone(quant=QuantConfig(mode="serve", rules=rules))
-    with kernels.kernel_options(**options):
+    with kernel_options(**options):
         got = served.apply({"params": serving_params(params, quant), "quant": quant}, tokens)
     want = model.apply({"params": _dequantized(params, quant)}, tokens)
     return got, want, calls
@@ -95,15 +97,15 @@ def test_kernel_options_can_turn_the_kernel_off(llama, monkeypatch):
 )
 def test_unsupported_reason_names_the_problem(preset, reason):
     q = jn.quantize(jax.random.normal(jax.random.key(0), (128, 32)), preset)
-    assert reason in kernels.unsupported_reason(q)
-    assert kernels.kernel_args(q) is None
+    assert reason in q.kernel_unsupported_reason()
+    assert q.kernel_args() is None
 
 
 def test_a_row_that_does_not_fill_whole_bytes_is_not_read_by_the_kernel():
     q = jn.quantize(jax.random.normal(jax.random.key(0), (32, 3, 3)), jn.INT4)
-    assert "whole bytes" in kernels.unsupported_reason(q)
+    assert "whole bytes" in q.kernel_unsupported_reason()
     x = jax.random.normal(jax.random.key(1), (5, 32))
-    y = kernels.qarray_dot_general(x, q, (((1,), (0,)), ((), ())))
+    y = q.dot_general(x, (((1,), (0,)), ((), ())))
     np.testing.assert_allclose(y, jnp.einsum("mk,kab->mab", x, q.dequantize()), rtol=1e-5)
 
 
@@ -124,13 +126,65 @@ def test_einsum_layers_serve_through_the_kernel_when_they_are_matmuls(monkeypatc
     rules = (QuantRule(".*", weight=jn.INT4_G128.with_group_size(8)),)
     quant, _ = freeze(model, params, x, rules=rules)
     calls = []
-    real = kernels.quantized_matmul
+    real = qarray_lib.quantized_matmul
     monkeypatch.setattr(
-        kernels, "quantized_matmul", lambda *a, **k: calls.append(1) or real(*a, **k)
+        qarray_lib, "quantized_matmul", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     served = model.clone(quant=QuantConfig(mode="serve", rules=rules))
-    with kernels.kernel_options(interpret=True):
+    with kernel_options(interpret=True):
         got = served.apply({"params": serving_params(params, quant), "quant": quant}, x)
     want = model.apply({"params": _dequantized(params, quant)}, x)
     assert len(calls) == 2  # 'merged' and 'plain'; 'batched' shares n with its input
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def _eqns(jaxpr, *, into_kernels: bool):
+    """Every equation of a jaxpr and of the jaxprs nested in it (a pallas_call's kernel body
+    only with ``into_kernels``: inside the kernel, tiles are decoded in VMEM)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        if eqn.primitive.name == "pallas_call" and not into_kernels:
+            continue
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _eqns(inner, into_kernels=into_kernels)
+
+
+def _float_weight_matmuls(jaxpr, kernel_shape):
+    """dot_generals outside the Pallas kernels whose rhs is a float array of the kernel's shape."""
+    return [
+        e
+        for e in _eqns(jaxpr, into_kernels=False)
+        if e.primitive.name == "dot_general"
+        and tuple(e.invars[1].aval.shape) == tuple(kernel_shape)
+        and jnp.issubdtype(e.invars[1].aval.dtype, jnp.floating)
+    ]
+
+
+@pytest.mark.parametrize("preset", [jn.INT8, jn.INT4], ids=lambda q: q.name)
+def test_a_served_matmul_hands_the_packed_codes_to_the_kernel(preset):
+    """A jaxpr walk: the Pallas call receives the uint8 codes as stored, and no dot_general
+    multiplies by a float weight of the kernel's shape (the weight is never dequantized)."""
+    x = jax.random.normal(jax.random.key(0), (4, 64))
+    layer = QDense(32, use_bias=False)
+    params = layer.init(jax.random.key(1), x)["params"]
+    rules = (QuantRule(".*", weight=preset),)  # int8 / int4, one scale per output channel
+    quant, _ = freeze(layer, params, x, rules=rules)
+    codes = quant["kernel"].codes
+    assert codes.dtype == jnp.uint8 and codes.shape == (64, 32 * preset.format.bits // 8)
+    served = QDense(32, use_bias=False, quant=QuantConfig(mode="serve", rules=rules))
+    variables = {"params": {}, "quant": quant}
+    with kernel_options(interpret=True):
+        jaxpr = jax.make_jaxpr(served.apply)(variables, x).jaxpr
+    pallas = [e for e in _eqns(jaxpr, into_kernels=False) if e.primitive.name == "pallas_call"]
+    assert len(pallas) == 1, "expected one pallas_call in the served jaxpr"
+    operands = [v.aval for v in pallas[0].invars]
+    assert any(a.dtype == jnp.uint8 and a.shape == codes.shape for a in operands), operands
+    assert not _float_weight_matmuls(jaxpr, (64, 32))
+    # The other path, for contrast: dequantize, then multiply by a float [64, 32] weight.
+    with kernel_options(enabled=False):
+        jaxpr = jax.make_jaxpr(served.apply)(variables, x).jaxpr
+    assert not [e for e in _eqns(jaxpr, into_kernels=True) if e.primitive.name == "pallas_call"]
+    assert _float_weight_matmuls(jaxpr, (64, 32))

@@ -1,5 +1,7 @@
 """jaxquant.nn: drop-in layers, every mode against a direct computation, freeze, intercept."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -80,9 +82,12 @@ def test_qat_equals_fake_quant_of_weight_and_input(name, make_q, make_flax, shap
     }[name]
     # reference: the float layer run on fake-quantized kernel and input (numerics directly)
     w_axis = contracting[-1]
-    w_q = jn.fake_quant(kernel, jn.IntFormat(4), Scaling(axis=w_axis, group_size=4))
+    w_q = jn.fake_quant(
+        kernel, jn.ScalarQuantizer(jn.IntFormat(4), Scaling(axis=w_axis, group_size=4))
+    )
     x_axes = tuple(range(x.ndim - len(contracting), x.ndim))
-    x_q = jn.fake_quant(x, jn.IntFormat(8), Scaling(axis=x_axes if len(x_axes) > 1 else x_axes[0]))
+    x_scaling = Scaling(axis=x_axes if len(x_axes) > 1 else x_axes[0])
+    x_q = jn.fake_quant(x, jn.ScalarQuantizer(jn.IntFormat(8), x_scaling))
     ref_vars = {"params": {**variables["params"], "kernel": w_q}}
     expected = make_flax().apply(ref_vars, x_q)
     got = make_q(qn.QuantConfig(mode="qat", rules=rules)).apply(variables, x)
@@ -136,10 +141,10 @@ def test_freeze_then_serve_equals_qat_and_the_quant_tree_is_exact():
     serve = _Tiny(qn.QuantConfig(mode="serve", rules=rules)).apply(served, ids)
     qat = _Tiny(qn.QuantConfig(mode="qat", rules=rules)).apply({"params": params}, ids)
     np.testing.assert_array_equal(np.asarray(serve), np.asarray(qat))
-    # report: rows, the rule that matched nothing, honest sizes
-    assert [(r.path, r.rule) for r in report.layers] == [
-        ("down/kernel", "down"),
-        ("up/kernel", "up"),
+    # report: rows (in call order), the rule that matched nothing, honest sizes
+    assert [(r.path, r.rule, r.quantizer, r.method) for r in report.weights] == [
+        ("up/kernel", "up", "int4_g8", "rtn"),
+        ("down/kernel", "down", "mxfp4", "rtn"),
     ]
     assert report.unmatched_rules == (rules[2],)
     n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -189,8 +194,8 @@ def test_calibrate_accumulates_the_input_hessian():
 
 def test_lsq_scales_are_params_and_freeze_uses_them():
     x = _x((8, 32))
-    spec = qn.TensorQuant(format=jn.INT4, lsq=True)
-    act = qn.TensorQuant(format=jn.IntFormat(8), lsq=True)
+    spec = dataclasses.replace(jn.INT4, qat="lsq")
+    act = jn.ScalarQuantizer(jn.IntFormat(8), qat="lsq")
     config = qn.QuantConfig(mode="qat", rules=(qn.QuantRule(".*", weight=spec, act=act),))
     layer = qn.QDense(16, quant=config)
     params = layer.init(jax.random.key(0), x)["params"]
@@ -241,7 +246,9 @@ def test_intercept_quantizes_a_model_written_with_plain_flax_layers():
         "split": {**p["split"], "kernel": jn.fake_quant(p["split"]["kernel"], jn.INT8)},
         "merge": {
             **p["merge"],
-            "kernel": jn.fake_quant(p["merge"]["kernel"], jn.IntFormat(4), Scaling(axis=(0, 1))),
+            "kernel": jn.fake_quant(
+                p["merge"]["kernel"], jn.ScalarQuantizer(jn.IntFormat(4), Scaling(axis=(0, 1)))
+            ),
         },
     }
     np.testing.assert_allclose(qat(params, x), model.apply({"params": ref_params}, x), rtol=1e-5)
@@ -268,9 +275,10 @@ def test_qat_under_jit_does_not_recompile_and_keeps_dtypes():
 BAD = [
     (lambda: qn.QuantConfig(mode="train"), ValueError, "mode='train'"),
     (lambda: qn.QuantRule("(", weight=jn.INT8), ValueError, "not a regular expression"),
-    (lambda: qn.QuantRule(".*", weight="int8"), TypeError, "expected a TensorQuant"),
+    (lambda: qn.QuantRule(".*", weight=8), TypeError, "expected a Quantizer"),
+    (lambda: qn.QuantRule(".*", weight="int8_bogus"), ValueError, "bogus"),
     (lambda: qn.QuantRule(".*", weight=jn.INT8, roles=("conv",)), ValueError, "roles"),
-    (lambda: qn.TensorQuant(format=jn.INT8, rounding="stochastic"), ValueError, "rounding"),
+    (lambda: qn.QuantRule(".*", weight="int8_sr"), ValueError, "stochastic"),
 ]
 
 
@@ -284,15 +292,15 @@ def test_mode_errors_name_the_problem():
     x = _x((2, 8))
     rules = (qn.QuantRule(".*", weight=jn.INT8),)
     params = qn.QDense(4).init(jax.random.key(0), x)["params"]
-    with pytest.raises(ValueError, match="run freeze first"):
+    with pytest.raises(ValueError, match="run freeze or quantize_model first"):
         qn.QDense(4, quant=qn.QuantConfig(mode="serve", rules=rules)).apply(
             {"params": {"bias": params["bias"]}}, x
         )
     with pytest.raises(ValueError, match=r"mutable=\['qstats'\]"):
         qn.QDense(4, quant=qn.QuantConfig(mode="calibrate")).apply({"params": params}, x)
-    with pytest.raises(ValueError, match=r"mutable=\['quant'\]"):
-        qn.QDense(4, quant=qn.QuantConfig(mode="freeze", rules=rules)).apply({"params": params}, x)
-    lsq_token = qn.TensorQuant(format=jn.INT8, lsq=True)  # INT8 is per-channel: not learnable
+    with pytest.raises(ValueError, match="mode='freeze'"):  # freeze is a function, not a mode
+        qn.QuantConfig(mode="freeze", rules=rules)
+    lsq_token = dataclasses.replace(jn.INT8, qat="lsq")  # INT8 is per-channel: not learnable
     cfg = qn.QuantConfig(mode="qat", rules=(qn.QuantRule(".*", act=lsq_token),))
     with pytest.raises(ValueError, match="per-tensor"):
         qn.QDense(4, quant=cfg).init(jax.random.key(0), x)
@@ -319,3 +327,139 @@ def test_multi_axis_contractions_are_quantized_as_one_merged_axis():
         qn.QDenseGeneral(12, axis=(-2, -1), quant=layer.quant.with_mode("serve")).apply(served, x),
         layer.apply({"params": params}, x),
     )
+
+
+class _Zoo(nn.Module):
+    """One of each layer, each contracting a different way."""
+
+    quant: qn.QuantConfig | None = None
+
+    @nn.compact
+    def __call__(self, ids):
+        h = qn.QEmbed(32, 16, quant=self.quant, name="embed")(ids)  # [b, t, 16]
+        h = qn.QDense(24, quant=self.quant, name="fc")(h)  # [b, t, 24]
+        h = h.reshape(h.shape[:2] + (3, 8))
+        h = qn.QDenseGeneral(12, axis=(-2, -1), quant=self.quant, name="merge")(h)  # [b, t, 12]
+        h = qn.QEinsum((2, 12, 4), "btd,hdk->bthk", quant=self.quant, name="heads")(h)
+        h = qn.QEinsum((2, 4, 4), "bthk,hkf->bthf", quant=self.quant, name="batched")(h)
+        h = h.reshape(h.shape[:2] + (8,))
+        return qn.QDense(32, quant=self.quant, role="head", name="head")(h)
+
+
+def test_layer_infos_report_rule_view_and_contracted_axes_of_every_layer():
+    ids = jnp.zeros((2, 5), jnp.int32)
+    model = _Zoo()
+    params = model.init(jax.random.key(0), ids)["params"]
+    rules = (
+        qn.QuantRule("nothing_here", weight=jn.INT8),
+        qn.QuantRule("fc|heads", weight=jn.INT8),
+        qn.QuantRule("merge|batched", weight=jn.INT4),
+        qn.QuantRule("embed", weight=jn.INT8, roles=("embedding",)),
+    )
+    infos = qn.layer_infos(model, params, ids, rules=rules)
+    LI = qn.LayerInfo
+    assert infos == (
+        # a lookup table: scales along the features, no input Hessian
+        LI("embed", "embedding", "embedding", 3, (32, 16), (32, 16), (1,), False),
+        LI("fc", "kernel", "linear", 1, (16, 24), (16, 24), (0,), True),
+        # heads x head_dim contracted: merged into one axis of 24
+        LI("merge", "kernel", "linear", 2, (3, 8, 12), (24, 12), (0,), True),
+        # the contracted letter 'd' is the kernel's axis 1
+        LI("heads", "kernel", "linear", 1, (2, 12, 4), (2, 12, 4), (1,), True),
+        # 'h' is a batch axis: no single input Hessian
+        LI("batched", "kernel", "linear", 2, (2, 4, 4), (2, 4, 4), (1,), False),
+        LI("head", "kernel", "head", None, (8, 32), (8, 32), (0,), True),  # no rule names heads
+    )
+    assert [i.param_path for i in infos][:2] == ["embed/embedding", "fc/kernel"]
+    # a model of plain Flax layers: seen through intercept, the same description
+    x = _x((4, 12))
+    foreign = _Foreign()
+    p = foreign.init(jax.random.key(0), x)["params"]
+    rules = (qn.QuantRule("split", weight=jn.INT8), qn.QuantRule("fc1|merge", weight=jn.INT4))
+    assert qn.layer_infos(foreign, p, x, rules=rules) == (
+        LI("fc1", "kernel", "linear", 1, (12, 32), (12, 32), (0,), True),
+        LI("split", "kernel", "linear", 0, (32, 2, 8), (32, 2, 8), (0,), True),
+        LI("merge", "kernel", "linear", 1, (2, 8, 4), (16, 4), (0,), True),
+    )
+
+
+def _doubled_dot_general(*args, **kwargs):
+    """A dot_general only Flax's own ``__call__`` knows about (the layers' ``dot_general``
+    field): a layer computing its matmul another way would not double it."""
+    return 2.0 * jax.lax.dot_general(*args, **kwargs)
+
+
+FLAX_CALLS = [
+    ("dense", lambda q: qn.QDense(24, quant=q), lambda: nn.Dense(24), (5, 16)),
+    (
+        "dense_own_dot_general",
+        lambda q: qn.QDense(24, dot_general=_doubled_dot_general, quant=q),
+        lambda: nn.Dense(24, dot_general=_doubled_dot_general),
+        (5, 16),
+    ),
+    (
+        "dense_bf16",
+        lambda q: qn.QDense(24, dtype=jnp.bfloat16, quant=q),
+        lambda: nn.Dense(24, dtype=jnp.bfloat16),
+        (5, 16),
+    ),
+    (
+        "dense_general_batch_dims",
+        lambda q: qn.QDenseGeneral(
+            (2, 4), batch_dims=(0,), dot_general=_doubled_dot_general, quant=q
+        ),
+        lambda: nn.DenseGeneral((2, 4), batch_dims=(0,), dot_general=_doubled_dot_general),
+        (3, 5, 16),
+    ),
+    (
+        "einsum_bias",
+        lambda q: qn.QEinsum(
+            (16, 2, 4),
+            "btd,dhk->bthk",
+            use_bias=True,
+            bias_init=nn.initializers.normal(1.0),
+            quant=q,
+        ),
+        lambda: nn.Einsum(
+            (16, 2, 4), "btd,dhk->bthk", use_bias=True, bias_init=nn.initializers.normal(1.0)
+        ),
+        (2, 5, 16),
+    ),
+]
+
+
+@pytest.mark.parametrize("name,make_q,make_flax,shape", FLAX_CALLS, ids=[f[0] for f in FLAX_CALLS])
+def test_float_and_calibrate_modes_run_flax_own_call_bit_for_bit(name, make_q, make_flax, shape):
+    x = _x(shape) * 3.0
+    variables = make_flax().init(jax.random.key(1), x)
+    want = np.asarray(make_flax().apply(variables, x))
+    rules = (qn.QuantRule(".*", weight=jn.INT4_G128.with_group_size(4), act=jn.INT8),)
+    np.testing.assert_array_equal(np.asarray(make_q(None).apply(variables, x)), want)
+    for config in (qn.QuantConfig(mode="float", rules=rules), qn.QuantConfig(mode="calibrate")):
+        got, state = make_q(config).apply(variables, x, mutable=["qstats"])
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=config.mode)
+        assert ("qstats" in state) == (config.mode == "calibrate")
+    got, state = make_q(qn.QuantConfig(mode="calibrate", rules=rules)).apply(
+        variables, x, mutable=["qstats"]
+    )
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert "absmax" in state["qstats"]
+
+
+def test_a_rule_given_by_registry_name_freezes_like_the_quantizer(llama):
+    model, params, ids = llama  # every contracted size (64, 128) holds whole groups of 64
+    by_name = (qn.QuantRule(".*", weight="int4_g64"),)
+    by_object = (qn.QuantRule(".*", weight=jn.INT4_G128.with_group_size(64)),)
+    assert by_name[0].weight == by_object[0].weight
+    q_name, r_name = qn.freeze(model, params, ids, rules=by_name)
+    q_obj, r_obj = qn.freeze(model, params, ids, rules=by_object)
+    assert r_name.weights == r_obj.weights  # paths, quantizer names, shapes, sizes
+    assert [r.quantizer for r in r_name.weights] == ["int4_g64"] * 7
+    leaves_name = jax.tree.leaves_with_path(q_name, is_leaf=jn.is_quantized)
+    leaves_obj = jax.tree.leaves_with_path(q_obj, is_leaf=jn.is_quantized)
+    assert [p for p, _ in leaves_name] == [p for p, _ in leaves_obj]
+    for (path, a), (_, b) in zip(leaves_name, leaves_obj, strict=True):
+        assert (a.format, a.scaling, a.shape) == (b.format, b.scaling, b.shape), path
+        assert a.scaling.group_size == 64
+        np.testing.assert_array_equal(a.codes, b.codes)
+        np.testing.assert_array_equal(a.scale, b.scale)

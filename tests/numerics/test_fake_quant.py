@@ -1,5 +1,7 @@
 """fake_quant: forward equal to quantize-dequantize, STE and LSQ gradients against references."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +18,9 @@ def test_forward_equals_quantize_dequantize_bit_for_bit(name):
     x = jnp.asarray(np.random.default_rng(1).standard_normal((256, 32)), jnp.float32)
     preset = jn.PRESETS[name]
     for calibration in ("absmax", "mse"):
-        expected = jn.quantize(x, preset, calibration=calibration).dequantize()
-        got = jax.jit(lambda x, c=calibration: jn.fake_quant(x, preset, calibration=c))(x)
+        q = dataclasses.replace(preset, calibration=calibration)
+        expected = jn.quantize(x, q).dequantize()
+        got = jax.jit(lambda x, q=q: jn.fake_quant(x, q))(x)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
 
 
@@ -26,7 +29,8 @@ def test_ste_gradient_is_one_inside_the_range_and_zero_where_clipped():
     cal = jn.Calibration(method="percentile", percentile=95.0)
     scaling = Scaling(axis=0)
     w = jnp.asarray(np.random.default_rng(3).standard_normal(x.shape), jnp.float32)
-    g = jax.grad(lambda x: jnp.sum(w * jn.fake_quant(x, F.INT4, scaling, calibration=cal)))(x)
+    q = jn.ScalarQuantizer(F.INT4, scaling, calibration=cal)
+    g = jax.grad(lambda x: jnp.sum(w * jn.fake_quant(x, q)))(x)
     # reference: the clip threshold per column is the 95th percentile of |x| (numpy)
     amax = np.quantile(np.abs(np.asarray(x)), 0.95, axis=0, keepdims=True)
     s = amax / 7
@@ -53,13 +57,15 @@ def test_lsq_gradients_match_the_paper(bits):
     x = rng.standard_normal((64, 8)).astype(np.float32)
     w = rng.standard_normal((64, 8)).astype(np.float32)
     fmt, scaling = F.IntFormat(bits), Scaling(axis=0)
-    s0 = np.asarray(jn.lsq_init_scale(jnp.asarray(x), fmt, scaling))
+    lsq = jn.ScalarQuantizer(fmt, scaling, qat="lsq")
+    assert lsq.learned_names == ("scale",)
+    s0 = np.asarray(lsq.init_learned(jnp.asarray(x))["scale"])
     ref_s0 = 2 * np.abs(x).mean(0, keepdims=True) / np.sqrt(2 ** (bits - 1) - 1)
     np.testing.assert_allclose(s0, ref_s0, rtol=1e-6)
     s = s0 * 0.7  # some values clip
 
     def loss(x, s):
-        return jnp.sum(w * jn.fake_quant(x, fmt, scaling, scale=s))
+        return jnp.sum(w * jn.fake_quant(x, lsq, learned={"scale": s}))
 
     dx, ds = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), jnp.asarray(s))
     qn, qp = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -68,7 +74,7 @@ def test_lsq_gradients_match_the_paper(bits):
     )
     np.testing.assert_allclose(np.asarray(dx), ref_dx, atol=1e-6)
     np.testing.assert_allclose(np.asarray(ds), ref_ds, rtol=1e-4, atol=1e-5)
-    fwd = jn.fake_quant(jnp.asarray(x), fmt, scaling, scale=jnp.asarray(s))
+    fwd = jn.fake_quant(jnp.asarray(x), lsq, learned={"scale": jnp.asarray(s)})
     ref_fwd = np.clip(np.round(x / s), qn, qp) * s
     np.testing.assert_allclose(np.asarray(fwd), ref_fwd, rtol=1e-6)
 
@@ -76,10 +82,11 @@ def test_lsq_gradients_match_the_paper(bits):
 def test_lsq_trains_a_scale_on_a_float_format():
     x = jnp.asarray(np.random.default_rng(4).standard_normal((256, 4)), jnp.float32)
     scaling = Scaling(axis=0, group_size=32)
-    s = jn.lsq_init_scale(x, F.E2M1, scaling) * 3  # start far too coarse
+    lsq = jn.ScalarQuantizer(F.E2M1, scaling, qat="lsq")
+    s = lsq.init_learned(x)["scale"] * 3  # start far too coarse
 
     def mse(s):
-        return jnp.mean(jnp.square(jn.fake_quant(x, F.E2M1, scaling, scale=s) - x))
+        return jnp.mean(jnp.square(jn.fake_quant(x, lsq, learned={"scale": s}) - x))
 
     opt = optax.adam(0.05)
     state = opt.init(s)
@@ -98,17 +105,22 @@ def test_lsq_trains_a_scale_on_a_float_format():
 def test_lsq_rejects_a_scale_of_the_wrong_shape_and_asymmetric_scalings():
     x = jnp.ones((64, 8))
     with pytest.raises(ValueError, match=r"expected shape \(1, 8\)"):
-        jn.fake_quant(x, F.INT4, Scaling(axis=0), scale=jnp.ones((8,)))
+        jn.fake_quant(
+            x, jn.ScalarQuantizer(F.INT4, Scaling(axis=0)), learned={"scale": jnp.ones((8,))}
+        )
     with pytest.raises(ValueError, match="symmetric"):
-        jn.fake_quant(x, F.UINT4, Scaling(axis=0, zero_point=True), scale=jnp.ones((1, 8)))
+        jn.fake_quant(
+            x,
+            jn.ScalarQuantizer(F.UINT4, Scaling(axis=0, zero_point=True)),
+            learned={"scale": jnp.ones((1, 8))},
+        )
 
 
 def test_stochastic_fake_quant_uses_the_key():
     x = jnp.asarray(np.random.default_rng(5).standard_normal((128, 8)), jnp.float32)
-    a = jn.fake_quant(x, jn.INT4_G128, rounding="stochastic", key=jax.random.key(0))
-    b = jn.fake_quant(x, jn.INT4_G128, rounding="stochastic", key=jax.random.key(1))
+    sr = dataclasses.replace(jn.INT4_G128, rounding="stochastic")
+    a = jn.fake_quant(x, sr, key=jax.random.key(0))
+    b = jn.fake_quant(x, sr, key=jax.random.key(1))
     assert not np.array_equal(np.asarray(a), np.asarray(b))
-    g = jax.grad(
-        lambda x: jn.fake_quant(x, jn.INT4_G128, rounding="stochastic", key=jax.random.key(0)).sum()
-    )(x)
+    g = jax.grad(lambda x: jn.fake_quant(x, sr, key=jax.random.key(0)).sum())(x)
     np.testing.assert_array_equal(np.asarray(g), 1.0)  # absmax clips nothing

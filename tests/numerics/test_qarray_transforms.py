@@ -12,7 +12,17 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxquant.numerics import INT4_G128, MXFP4, NF4, NVFP4, PRESETS, QArray, Scaling, quantize
+from jaxquant.numerics import (
+    INT4_G128,
+    MXFP4,
+    NF4,
+    NVFP4,
+    PRESETS,
+    QArray,
+    ScalarQuantizer,
+    Scaling,
+    quantize,
+)
 
 PRESET_NAMES = sorted(PRESETS)
 STATIC_FIELDS = ("shape", "dtype", "format", "scaling")
@@ -148,14 +158,14 @@ def _assert_sharded_8_ways(leaf, what):
 # per-tensor scale (replicated), 6-bit codes with E8M0 scales, E4M3 scales with a scalar tensor
 # scale, a lookup table, split-sign scales with their leading 2.
 SHARDING_PRESETS = [
-    "INT8",
-    "INT3_G128",
-    "INT4_G128_ASYM",
-    "FP8_E4M3",
-    "MXFP6",
-    "NVFP4",
-    "NF4",
-    "FP4_AFPQ_G128",
+    "int8",
+    "int3_g128",
+    "int4_asym_g128",
+    "fp8_e4m3",
+    "mxfp6",
+    "nvfp4",
+    "nf4",
+    "fp4_afpq_g128",
 ]
 
 
@@ -220,7 +230,7 @@ def test_device_put_nvfp4_with_sharding_tree_replicating_tensor_scale(mesh):
 
 # Every preset, plus a bfloat16 scale (no preset stores one) on a bfloat16 input.
 ORBAX_CASES = {name: (PRESETS[name], None, jnp.float32) for name in PRESET_NAMES}
-ORBAX_CASES["NF4_G64_BF16_SCALE_BF16_INPUT"] = (
+ORBAX_CASES["nf4_g64_bf16_scale_bf16_input"] = (
     NF4.format,
     Scaling(axis=0, group_size=64, scale_dtype="bfloat16"),
     jnp.bfloat16,
@@ -229,7 +239,8 @@ ORBAX_CASES["NF4_G64_BF16_SCALE_BF16_INPUT"] = (
 
 def _orbax_case(name):
     fmt, scaling, dtype = ORBAX_CASES[name]
-    return quantize(_data((256, 64), seed=5, dtype=dtype), fmt, scaling)
+    quantizer = fmt if scaling is None else ScalarQuantizer(fmt, scaling)
+    return quantize(_data((256, 64), seed=5, dtype=dtype), quantizer)
 
 
 @pytest.mark.parametrize("name", list(ORBAX_CASES))

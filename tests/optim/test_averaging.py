@@ -24,7 +24,7 @@ from jaxquant.optim.averaging import (
     lawa,
     with_averaging,
 )
-from jaxquant.optim.state import QuantizedState
+from jaxquant.optim.state import QuantizedMoment
 
 # ---------------------------------------------------------------- helpers
 
@@ -280,7 +280,7 @@ def test_with_averaging_in_chain_passes_updates_and_tracks_the_params(inner):
         np.testing.assert_allclose(avg[name], ref_avg, rtol=1e-5, atol=1e-6)
     if inner == "adamw_8bit":
         inner_state = state[1][0].inner_state
-        assert isinstance(inner_state[0].mu["w"], QuantizedState)
+        assert isinstance(inner_state[0].mu["w"], QuantizedMoment)
 
 
 def test_with_averaging_update_is_jitted_once():
@@ -319,7 +319,7 @@ def test_orbax_round_trip_of_averaged_state_is_bit_exact(tmp_path, averager):
         restored = ckpt.restore(tmp_path / "opt", abstract)
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     assert isinstance(restored[1], WithAveragingState)
-    assert isinstance(restored[1].inner_state[0].mu["w"], QuantizedState)
+    assert isinstance(restored[1].inner_state[0].mu["w"], QuantizedMoment)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -10,7 +10,7 @@ import pytest
 
 from jaxquant.optim.adam import adam, adamw
 from jaxquant.optim.dct import DctLowRankState, dct_basis, dct_low_rank
-from jaxquant.optim.state import QuantizedState, state_nbytes
+from jaxquant.optim.state import QuantizedMoment, state_nbytes
 
 
 def _np_dct(n: int) -> np.ndarray:
@@ -225,7 +225,7 @@ def test_8bit_adamw_inner_runs_in_low_rank_space():
     opt = optax.chain(dct_low_rank(inner(), rank, update_interval=interval), optax.scale(0.5))
     state = jax.jit(opt.init)(params)
     mu = state[0].inner_state[0].mu
-    assert isinstance(mu["w"], QuantizedState) and mu["w"].shape == (64, rank)
+    assert isinstance(mu["w"], QuantizedMoment) and mu["w"].shape == (64, rank)
     assert mu["b"].shape == (256,) and mu["b"].dtype == jnp.float32
     update = jax.jit(opt.update)
 

@@ -12,9 +12,9 @@ import pytest
 
 from jaxquant.numerics import formats
 from jaxquant.optim import (
+    CompressedState,
     FactoredMoment,
-    QuantizedOptState,
-    QuantizedState,
+    QuantizedMoment,
     StateQuantizer,
     adam,
     adamw,
@@ -318,7 +318,7 @@ def test_quantized_momentum_tracks_float(bits, fmt):
         q_out, q_state, _ = _run(make(state_bits=bits, state_format=fmt), params, 5)
         f_out, _, _ = _run(make(), params, 5)
         mu = q_state[0].mu["w"]
-        assert isinstance(mu, QuantizedState) and mu.q.format.bits == bits
+        assert isinstance(mu, QuantizedMoment) and mu.q.format.bits == bits
         for a, b in zip(q_out, f_out, strict=True):
             rel = np.linalg.norm(a["w"] - b["w"]) / np.linalg.norm(b["w"])
             # Lion's sign flips where b1·mu + (1-b1)·g is near 0; SGD's error is the map's.
@@ -363,7 +363,7 @@ def test_quantized_state_of_optax_adam_equals_our_adam(bits, fmt):
     ours = adam(1e-2, state_bits=bits, state_format=fmt)
     a, sa, pa = _run(wrapped, params, 4)
     b, sb, pb = _run(ours, params, 4)
-    assert isinstance(sa, QuantizedOptState)
+    assert isinstance(sa, CompressedState)
     inner_adam = sa.inner[0]
     assert type(inner_adam.mu["w"]) is type(sb[0].mu["w"])
     assert type(inner_adam.nu["w"]) is type(sb[0].nu["w"])
@@ -380,9 +380,9 @@ def test_quantized_state_keeps_counts_and_small_leaves_and_jits_once():
     params = _params(jax.random.key(5))
     opt = quantized_state(optax.sgd(1e-2, momentum=0.9), state_bits=8)
     state = opt.init(params)
-    leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, QuantizedState))
+    leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, QuantizedMoment))
     kinds = sorted(type(x).__name__ for x in leaves)
-    assert kinds.count("QuantizedState") == 1  # only w (8192 elements) is large enough
+    assert kinds.count("QuantizedMoment") == 1  # only w (8192 elements) is large enough
     traces = []
 
     @jax.jit

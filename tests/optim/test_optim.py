@@ -9,10 +9,10 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxquant.numerics import quantize
+from jaxquant.numerics import ScalarQuantizer, quantize
 from jaxquant.numerics.scaling import Scaling
 from jaxquant.optim import (
-    QuantizedState,
+    QuantizedMoment,
     adam,
     adamw,
     bytes_per_param,
@@ -109,7 +109,7 @@ def test_quantize_state_round_trip_matches_numpy_reference(shape, signed, block_
         x = x**2
     x = x.astype(np.float32)
     q = quantize_state(x, signed=signed, block_size=block_size)
-    assert isinstance(q, QuantizedState) and q.shape == shape
+    assert isinstance(q, QuantizedMoment) and q.shape == shape
     assert q.q.codes.dtype == jnp.uint8 and q.q.scale.dtype == jnp.float32
     n_pad = max(1, math.ceil(x.size / block_size)) * block_size
     assert q.q.codes.shape == (n_pad,) and q.q.scale.shape == (n_pad // block_size,)
@@ -139,7 +139,9 @@ def test_quantize_state_sign_nudge():
     x_hat = np.asarray(dequantize_state(q))
     smallest = dynamic_map(True)[dynamic_map(True) < 0][-1]  # -5.5e-7
     # Without the nudge the tiny negative value rounds to 0 ...
-    plain = quantize(x, dynamic_format(True), Scaling(axis=0, group_size=256)).dequantize()
+    plain = quantize(
+        x, ScalarQuantizer(dynamic_format(True), Scaling(axis=0, group_size=256))
+    ).dequantize()
     assert float(plain[1]) == 0.0
     # ... with it, it keeps its sign at the smallest negative map value; +0 counts as positive,
     # so the tiny positive value stays 0 (bitsandbytes' sign-bit rule), and 0 stays 0.
@@ -206,7 +208,7 @@ def test_f32_adam_equals_optax():
 def test_8bit_state_layout():
     params = _params(jax.random.key(0), SHAPES)
     state = adamw(1e-3, state_bits=8).init(params)[0]
-    assert isinstance(state.mu["w"], QuantizedState) and isinstance(state.nu["w"], QuantizedState)
+    assert isinstance(state.mu["w"], QuantizedMoment) and isinstance(state.nu["w"], QuantizedMoment)
     assert state.mu["w"].q.format.name == "dynamic8s"
     assert state.nu["w"].q.format.name == "dynamic8u"
     for name in ("b", "v"):  # below min_quantized_size: f32
@@ -226,7 +228,7 @@ def test_8bit_step_is_the_float_step_from_the_dequantized_moments():
     mu8 = {k: q(v, True) for k, v in adam_ref.mu.items()}
     nu8 = {k: q(v, False) for k, v in adam_ref.nu.items()}
     state8 = (state8[0]._replace(count=adam_ref.count, mu=mu8, nu=nu8),) + state8[1:]
-    deq = lambda m: dequantize_state(m) if isinstance(m, QuantizedState) else m
+    deq = lambda m: dequantize_state(m) if isinstance(m, QuantizedMoment) else m
     deq_mu, deq_nu = ({k: deq(v) for k, v in m.items()} for m in (mu8, nu8))
     from_deq = (adam_ref._replace(mu=deq_mu, nu=deq_nu),)
     from_deq += ref_state[1:]
@@ -337,7 +339,7 @@ def test_orbax_round_trip_of_8bit_state_is_bit_exact(tmp_path):
     with ocp.StandardCheckpointer() as ckpt:
         restored = ckpt.restore(tmp_path / "opt", abstract)
     assert jax.tree.structure(restored) == jax.tree.structure(state)
-    assert isinstance(restored[0].mu["w"], QuantizedState)
+    assert isinstance(restored[0].mu["w"], QuantizedMoment)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxquant.numerics.qarray import QArray
-from jaxquant.optim import QuantizedState, adamw, state_nbytes
+from jaxquant.optim import QuantizedMoment, adamw, state_nbytes
 from jaxquant.optim.shampoo import (
     STATIC_ARGS,
     EigenFactor,
@@ -377,7 +377,7 @@ def test_quantized_grafting_moments_train_like_f32_moments():
     params = {"w": jnp.zeros((128, 96)), "b": jnp.zeros((96,))}
     s32 = scale_by_shampoo().init(params)
     s8 = scale_by_shampoo(moment_bits=8).init(params)
-    assert isinstance(s8.mu["w"], QuantizedState) and isinstance(s8.nu["w"], QuantizedState)
+    assert isinstance(s8.mu["w"], QuantizedMoment) and isinstance(s8.nu["w"], QuantizedMoment)
     blocks = 128 * 96 // 256
     assert state_nbytes(s32) - state_nbytes(s8) == 2 * (4 * 128 * 96 - 128 * 96 - 4 * blocks)
 

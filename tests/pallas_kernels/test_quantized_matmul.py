@@ -27,8 +27,8 @@ PRESETS = {
     "MXFP4": jn.MXFP4,
     "NVFP4": jn.NVFP4,
     "NF4": jn.NF4,
-    "E4M3_CHANNEL": jn.Preset("E4M3_CHANNEL", jn.E4M3, jn.Scaling(axis=0)),
-    "E4M3_G128": jn.Preset("E4M3_G128", jn.E4M3, jn.Scaling(axis=0, group_size=128)),
+    "E4M3_CHANNEL": jn.ScalarQuantizer(jn.E4M3, jn.Scaling(axis=0)),
+    "E4M3_G128": jn.ScalarQuantizer(jn.E4M3, jn.Scaling(axis=0, group_size=128)),
 }
 
 

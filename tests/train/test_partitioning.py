@@ -19,7 +19,6 @@ from jaxquant.train import (
     MeshConfig,
     logical_to_shardings,
     make_mesh,
-    qarray_sharding,
     state_shardings,
 )
 
@@ -252,8 +251,9 @@ def test_quant_without_its_param_is_replicated():
 def test_packed_axis_is_sharded_only_on_whole_bytes(fmt, n, tensor, sharded):
     mesh = make_mesh(MeshConfig(data=-1, tensor=tensor))
     x = jax.random.normal(jax.random.key(2), (8, n))
-    q = jax.jit(lambda x: numerics.quantize(x, fmt, numerics.Scaling(axis=0, group_size=4)))(x)
-    s = qarray_sharding(q, NamedSharding(mesh, P("data", "tensor")))
+    quantizer = numerics.ScalarQuantizer(fmt, numerics.Scaling(axis=0, group_size=4))
+    q = jax.jit(lambda x: numerics.quantize(x, quantizer))(x)
+    s = q.shardings(NamedSharding(mesh, P("data", "tensor")))
     assert s.codes.spec == P("data", "tensor" if sharded else None)
     assert s.scale.spec == P(None, "tensor")  # [2, n]: 2 groups do not split over data=4
     placed = jax.device_put(q, s)

@@ -83,8 +83,8 @@ def test_ptq_mode_errors_name_the_problem(tmp_path):
     workdir = f"--workdir={tmp_path / 'empty'}"
     out = _run(config, workdir, "--mode=ptq", cwd=ROOT)
     assert out.returncode != 0 and "no checkpoint" in out.stderr
-    out = _run(config, workdir, "--mode=ptq", "--config.ptq.format=int5", cwd=ROOT)
-    assert out.returncode != 0 and "preset 'int5'" in out.stderr
+    out = _run(config, workdir, "--mode=ptq", "--config.ptq.format=int9", cwd=ROOT)
+    assert out.returncode != 0 and "quantizer name 'int9'" in out.stderr
     out = _run(config, workdir, "--mode=ptq", "--config.ptq.method=awq", cwd=ROOT)
     assert out.returncode != 0 and "config.ptq.method" in out.stderr
 
@@ -98,13 +98,13 @@ def test_ptq_mode_errors_name_the_problem(tmp_path):
         ("nf4", "nf4", 64),
     ],
 )
-def test_ptq_rules_take_preset_names_and_group_suffixes(name, fmt, group):
+def test_ptq_rules_take_quantizer_names_and_group_suffixes(name, fmt, group):
     (rule,) = ptq.ptq_rules(name)
-    assert rule.weight.format.format.name == fmt
-    assert rule.weight.format.scaling.group_size == group
-    assert ptq.ptq_rules(name, 16)[0].weight.format.scaling.group_size == 16
+    assert rule.weight.format.name == fmt
+    assert rule.weight.scaling.group_size == group
+    assert ptq.ptq_rules(name, 16)[0].weight.scaling.group_size == 16
 
 
 def test_ptq_rules_reject_unknown_names():
-    with pytest.raises(ValueError, match="preset"):
-        ptq.ptq_rules("int5_g64")
+    with pytest.raises(ValueError, match="quantizer name 'int9_g64'"):
+        ptq.ptq_rules("int9_g64")

@@ -58,7 +58,7 @@ def test_8bit_optimizer_states_train_shard_and_resume_exactly(tmp_path):
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
     state, losses = trainer.Trainer(cfg, tmp_path / "full").train()
     mu = state.opt_state[1][0].mu
-    assert isinstance(mu["embed"]["embedding"], optim.QuantizedState)  # 8192 elements
+    assert isinstance(mu["embed"]["embedding"], optim.QuantizedMoment)  # 8192 elements
     kernel = state.params["layers_0"]["mlp"]["gate"]["kernel"]  # 2048 < 4096: stays f32
     assert mu["layers_0"]["mlp"]["gate"]["kernel"].sharding.spec == kernel.sharding.spec
     _, f32 = trainer.Trainer(_config(), tmp_path / "f32").train()
@@ -109,9 +109,9 @@ def test_optimizer_and_state_format_are_chosen_by_config(tmp_path, overrides):
     cfg = _config(**overrides)
     state, losses = trainer.Trainer(cfg, tmp_path).train()
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
-    is_q = lambda x: isinstance(x, (optim.QuantizedState, QArray))  # noqa: E731
+    is_q = lambda x: isinstance(x, (optim.QuantizedMoment, QArray))  # noqa: E731
     quantized = [x for x in jax.tree.leaves(state.opt_state, is_leaf=is_q) if is_q(x)]
-    bits = {(x.q if isinstance(x, optim.QuantizedState) else x).format.bits for x in quantized}
+    bits = {(x.q if isinstance(x, optim.QuantizedMoment) else x).format.bits for x in quantized}
     assert quantized and bits == {cfg.optim.state_bits}
 
 

@@ -5,13 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxquant.vq import nearest_e8
+from jaxquant.vq import E8P, nearest_e8
 from jaxquant.vq.e8p import (
     E8P_GAUSSIAN_SCALE,
     e8p_codebook,
     e8p_decode,
     e8p_encode,
-    gaussian_mse,
     residual_codebooks,
     residual_decode,
     residual_encode,
@@ -140,12 +139,12 @@ def test_each_residual_stage_lowers_gaussian_mse(bits):
 
 def test_gaussian_mse_matches_e8p_and_pinned_values():
     # 2^20 vectors: the estimate's standard error is ~5e-5, below the margin to QuIP#'s 0.0915.
-    assert gaussian_mse(2, num=2**23, seed=1) <= 0.0915
+    assert E8P(2).gaussian_mse(2**23, seed=1) <= 0.0915
     assert residual_gaussian_scale(2) == E8P_GAUSSIAN_SCALE
     # Golden values at the default sample, and the rate-distortion bound 2^(-2R) below them.
     pinned = {2: 0.091542, 3: 0.029602, 4: 0.0083622}
     for bits, mse in pinned.items():
-        got = gaussian_mse(bits)
+        got = E8P(bits).gaussian_mse(2**18)  # the old module function's default sample
         assert got == pytest.approx(mse, rel=1e-3)
         assert 2.0 ** (-2 * bits) < got
 
@@ -178,8 +177,8 @@ def test_tuned_scale_beats_its_neighbours(bits):
         (lambda: residual_decode(jnp.zeros((4, 2), jnp.uint16), 1), "residual_decode bits"),
         (lambda: residual_codebooks(8), "residual_codebooks bits"),
         (lambda: residual_gaussian_scale(2.5), "residual_gaussian_scale bits"),
-        (lambda: gaussian_mse(1), "gaussian_mse bits"),
-        (lambda: gaussian_mse(2, num=12), "gaussian_mse num"),
+        (lambda: E8P(1), "E8P bits"),
+        (lambda: E8P(2).gaussian_mse(12), "gaussian_mse num"),
     ],
 )
 def test_bad_inputs_raise(call, match):

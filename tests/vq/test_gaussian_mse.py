@@ -11,6 +11,7 @@ report's own sample, in the slow run.
 import pytest
 
 from jaxquant.eval import rate_distortion as rd
+from jaxquant.numerics import get_quantizer
 
 # BENCHMARKS.md, "Rate–distortion: vector quantization" (MSE at 2**20 samples).
 FIGURES = {
@@ -58,6 +59,6 @@ def test_the_targets_of_the_vq_issue_hold_on_the_figures():
     assert FIGURES["trellis2_t256"] <= 0.070
     for bits, bound in ((2, 0.0769), (3, 0.0192), (4, 0.00481)):
         best = min(
-            v for k, v in FIGURES.items() if rd.get_vq(k).format.code_bits_per_weight == bits
+            v for k, v in FIGURES.items() if get_quantizer(k).format.code_bits_per_weight == bits
         )
         assert best <= bound

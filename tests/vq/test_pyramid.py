@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxquant.vq import PyramidVQ
 from jaxquant.vq import pyramid as pvq
 
-# gaussian_mse(8, 6, 1) on its default 2**16 vectors (seed 0): 1.965 bits/weight.
+# PyramidVQ(8, 6, 1).gaussian_mse(2**16 * 8): 2**16 vectors (seed 0), 1.965 bits/weight.
 PINNED_MSE_8_6_1 = 0.1066
 
 
@@ -188,9 +189,10 @@ def test_quantize_dequantize_round_trip_and_pinned_gaussian_mse():
     # The MSE on this fresh sample is the reported figure (2**16 vectors, seed 0) within 3 %.
     mse = float(jnp.mean(jnp.square(x_hat - x)))
     assert mse == pytest.approx(PINNED_MSE_8_6_1, rel=0.03)
-    # gaussian_mse runs the same under jit.
-    rate, mse_small = pvq.gaussian_mse(8, 6, 1, num=4096, seed=1)
-    assert rate == pytest.approx((math.log2(27008) + 1) / 8)  # V(8, 6) = 27008
+    # PyramidVQ.gaussian_mse measures the same (its encode, on the same sample).
+    fmt = PyramidVQ(8, 6, 1)
+    mse_small = fmt.gaussian_mse(4096 * 8, seed=1)
+    assert fmt.code_bits_per_weight == pytest.approx((math.log2(27008) + 1) / 8)  # V(8, 6)
     assert mse_small == pytest.approx(mse, rel=1e-5)
 
 
@@ -216,8 +218,8 @@ def test_best_gain_beats_the_norm_as_gain():
 
 def test_rates():
     assert pvq.bits_per_weight(8, 4, 4) == pytest.approx((math.log2(2816) + 4) / 8)
-    assert pvq.stored_bits_per_weight(8, 4, 4) == (12 + 4) / 8
-    assert pvq.stored_bits_per_weight(1, 1, 0) == 1.0  # V(1, 1) = 2: one sign bit
+    assert pvq.fixed_length_bits_per_weight(8, 4, 4) == (12 + 4) / 8
+    assert pvq.fixed_length_bits_per_weight(1, 1, 0) == 1.0  # V(1, 1) = 2: one sign bit
     assert pvq.bits_per_weight(4, 2, 0) == pytest.approx(5 / 4)  # V(4, 2) = 32
 
 
@@ -248,7 +250,7 @@ _BAD = [
         "pvq_dequantize gain_code",
     ),
     (lambda: pvq.bits_per_weight(8, 0, 2), "bits_per_weight k"),
-    (lambda: pvq.gaussian_mse(8, 2, 2, num=0), "gaussian_mse num"),
+    (lambda: PyramidVQ(8, 2, 2).gaussian_mse(0), "gaussian_mse num"),
 ]
 
 

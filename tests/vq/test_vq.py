@@ -1,4 +1,7 @@
-"""k-means codebooks, VQArray, vq_matmul, rotations, and VQ rules on a model."""
+"""k-means codebooks, VQArray and its matmul, rotations, vector quantizers by name, and vector
+quantizers in rules on a model."""
+
+import re
 
 import flax.linen as nn
 import jax
@@ -8,8 +11,10 @@ import pytest
 from flax import traverse_util
 
 from jaxquant import vq
-from jaxquant.nn import QuantConfig, QuantRule, TensorQuant, freeze, kernels, serving_params
-from jaxquant.vq import E8P, VQ, KMeans, PyramidVQ, Trellis, e8p, pyramid, rotation, trellis
+from jaxquant.nn import QuantConfig, QuantRule, freeze, serving_params
+from jaxquant.numerics import get_quantizer, kernel_options, quantize
+from jaxquant.vq import E8P, KMeans, PyramidVQ, Trellis, e8p, pyramid, rotation, trellis
+from jaxquant.vq import VectorQuantizer as VQ
 from jaxquant.vq import vqarray as vqarray_lib
 
 
@@ -134,10 +139,10 @@ def _np_trellis(words, bits, length):
 def _np_vectors(q):
     """[K/d, N, d] float64 from the codes' bytes and numpy tables (the equation, in numpy)."""
     words = np.asarray(q.code_words(), np.int64)  # [K/d, N, B]
-    fmt, n = q.recipe.format, q.matrix_shape[1]
+    fmt, n = q.format, q.matrix_shape[1]
     if isinstance(fmt, KMeans):
         idx = words[..., 0] + (256 * words[..., 1] if words.shape[-1] > 1 else 0)
-        cols = n // q.recipe.codebook_groups
+        cols = n // q.codebook_groups
         cb = np.asarray(q.codebook, np.float64)
         return np.stack([cb[c // cols][idx[:, c]] for c in range(n)], axis=1)
     if isinstance(fmt, Trellis):
@@ -162,11 +167,11 @@ def _np_vectors(q):
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
-def test_vqarray_dequantizes_by_its_equation_and_vq_matmul_matches(name):
+def test_vqarray_dequantizes_by_its_equation_and_its_matmul_matches(name):
     recipe = RECIPES[name]
     k, n = 256, 24
     w = jax.random.normal(jax.random.key(0), (k, 4, n // 4)) * 0.1
-    q = vq.quantize_vq(w, recipe)
+    q = quantize(w, recipe)
     fmt = recipe.format
     d = fmt.vector_dim
     # The equation, in numpy: w' = Σ_stages table[idx] * scale, then the rotation.
@@ -192,18 +197,19 @@ def test_vqarray_dequantizes_by_its_equation_and_vq_matmul_matches(name):
     assert err < 0.35
     x = jax.random.normal(jax.random.key(1), (3, 5, k))
     want = jnp.einsum("abk,kn->abn", x, q.dequantize().reshape(k, n)).reshape(3, 5, 4, n // 4)
-    np.testing.assert_allclose(vq.vq_matmul(x, q), want, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(x @ q, want, rtol=2e-4, atol=2e-4)
     if fmt.vector_dim >= 2 and getattr(fmt, "index_bits", 8) >= 4:
         # The Pallas kernel in interpret mode, under jit (tables are built while tracing).
-        got = jax.jit(lambda x, q: vq.vq_matmul(x, q, interpret=True))(x, q)
+        with kernel_options(interpret=True):
+            got = jax.jit(lambda x, q: x @ q)(x, q)
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
 
 
 def test_refit_scale_never_raises_the_error():
     w = jax.random.normal(jax.random.key(0), (128, 64)) * jnp.linspace(0.1, 2.0, 64)
     for fmt in (KMeans(2, 4), KMeans(4, 8)):
-        a = vq.quantize_vq(w, VQ(format=fmt, refit_scale=False)).dequantize()
-        b = vq.quantize_vq(w, VQ(format=fmt)).dequantize()
+        a = quantize(w, VQ(format=fmt, refit_scale=False)).dequantize()
+        b = quantize(w, VQ(format=fmt)).dequantize()
         assert jnp.sum((b - w) ** 2) <= jnp.sum((a - w) ** 2) * (1 + 1e-6)
 
 
@@ -216,10 +222,15 @@ def test_importance_weighting_lowers_the_weighted_error():
     def weighted(q):
         return float(jnp.sum(h[:, None] * (q.dequantize() - w) ** 2))
 
-    assert weighted(vq.quantize_vq(w, recipe, importance=h)) < weighted(vq.quantize_vq(w, recipe))
+    encode = vqarray_lib.encode_weight
+    weighted_q = encode(w, h, None, quantizer=recipe)
+    assert weighted(weighted_q) < weighted(encode(w, None, None, quantizer=recipe))
+    np.testing.assert_array_equal(  # without importance, encode_weight is quantize's RTN
+        encode(w, None, None, quantizer=recipe).codes, quantize(w, recipe).codes
+    )
 
 
-def test_vq_recipes_and_quantize_vq_reject_bad_arguments():
+def test_vector_quantizers_and_quantize_reject_bad_arguments():
     with pytest.raises(ValueError, match="vector_dim"):
         KMeans(9, 8)
     with pytest.raises(ValueError, match="index_bits"):
@@ -232,19 +243,21 @@ def test_vq_recipes_and_quantize_vq_reject_bad_arguments():
         VQ(format="kmeans")
     w = jnp.ones((30, 8))
     with pytest.raises(ValueError, match="vector_dim"):
-        vq.quantize_vq(w, VQ(format=KMeans(4, 4)))
+        quantize(w, VQ(format=KMeans(4, 4)))
     with pytest.raises(ValueError, match="codebook_groups"):
-        vq.quantize_vq(jnp.ones((32, 9)), VQ(format=KMeans(4, 2), codebook_groups=2))
+        quantize(jnp.ones((32, 9)), VQ(format=KMeans(4, 2), codebook_groups=2))
     with pytest.raises(ValueError, match="codewords"):
-        vq.quantize_vq(jnp.ones((32, 8)), VQ(format=KMeans(4, 8)))
-    with pytest.raises(ValueError, match="importance"):
-        vq.quantize_vq(jnp.ones((32, 8)), VQ(format=KMeans(4, 2)), importance=jnp.ones(8))
-    with pytest.raises(ValueError, match="w"):
-        vq.quantize_vq(jnp.ones((32,)), VQ(format=KMeans(4, 2)))
-    with pytest.raises(ValueError, match="VQ recipes quantize weights"):
+        quantize(jnp.ones((32, 8)), VQ(format=KMeans(4, 8)))
+    with pytest.raises(ValueError, match="codebook"):
+        quantize(jnp.ones((32, 8)), VQ(format=KMeans(4, 2)), learned={"codebook": jnp.ones(8)})
+    with pytest.raises(ValueError, match="weight"):
+        quantize(jnp.ones((32,)), VQ(format=KMeans(4, 2)))
+    with pytest.raises(ValueError, match="axis 0"):
+        quantize(jnp.ones((32, 8)), VQ(format=KMeans(4, 2)), axis=1)
+    with pytest.raises(ValueError, match="vector quantizers quantize weights"):
         QuantRule(".*", act=VQ(format=KMeans(4, 2)))
-    with pytest.raises(ValueError, match="scaling"):
-        TensorQuant(format=VQ(format=KMeans(4, 2)), lsq=True)
+    with pytest.raises(ValueError, match="qat"):  # was TensorQuant(format=VQ(...), lsq=True)
+        VQ(format=KMeans(4, 2), qat="lsq")
 
 
 def _dequantized(params, quant):
@@ -263,7 +276,7 @@ def test_served_vq_model_goes_through_codebook_matmul_and_equals_dequantized(
     model, params, tokens = llama
     rules = (QuantRule(".*", weight=recipe),)
     quant, report = freeze(model, params, tokens, rules=rules)
-    assert len(report.layers) == 7 and all(r.format == recipe.name for r in report.layers)
+    assert len(report.weights) == 7 and all(r.quantizer == recipe.name for r in report.weights)
     calls = []
     real = vqarray_lib.codebook_matmul
 
@@ -274,7 +287,7 @@ def test_served_vq_model_goes_through_codebook_matmul_and_equals_dequantized(
     monkeypatch.setattr(vqarray_lib, "codebook_matmul", spy)
     served = model.clone(quant=QuantConfig(mode="serve", rules=rules))
     variables = {"params": serving_params(params, quant), "quant": quant}
-    with kernels.kernel_options(interpret=True):
+    with kernel_options(interpret=True):
         got = jax.jit(served.apply)(variables, tokens)
     want = model.apply({"params": _dequantized(params, quant)}, tokens)
     assert calls == [recipe.format.vector_dim] * 7
@@ -310,11 +323,15 @@ def test_dkm_qat_learns_a_codebook_param_that_freeze_serves(llama):
     quant, _ = freeze(qat, p, tokens, rules=rules)
     q = quant["layers_0"]["mlp"]["up"]["kernel"]
     w2 = p["layers_0"]["mlp"]["up"]["kernel"]
-    scale = vqarray_lib.group_rms_scale(w2, recipe)
-    want_cb = vqarray_lib.dkm_final_codebook(
-        w2 / scale, books["layers_0/mlp/up/kernel_codebook"], recipe
-    )
-    np.testing.assert_allclose(q.codebook, want_cb, rtol=1e-6)
+    want_cb = [
+        vq.dkm.dkm_codebook(
+            vqarray_lib.vectors(w2 / vqarray_lib.group_rms_scale(w2, recipe), 2).reshape(-1, 2),
+            books["layers_0/mlp/up/kernel_codebook"][0],
+            temperature=recipe.dkm_temperature,
+            iters=recipe.dkm_iters,
+        )
+    ]
+    np.testing.assert_allclose(q.codebook, np.stack(want_cb), rtol=1e-6)
     served = qat.clone(quant=QuantConfig(mode="serve", rules=rules))
     got = served.apply({"params": serving_params(p, quant), "quant": quant}, tokens)
     want = model.apply({"params": _dequantized(p, quant)}, tokens)
@@ -328,14 +345,243 @@ def test_dkm_qat_learns_a_codebook_param_that_freeze_serves(llama):
     np.testing.assert_allclose(qat.apply({"params": p}, tokens), want, rtol=1e-4, atol=1e-4)
 
 
-def test_recipe_names_parse_back_and_the_ptq_cli_takes_them():
+def test_vector_quantizer_names_parse_back_and_the_ptq_cli_takes_them():
     from jaxquant.eval.rate_distortion import VQ_METHODS
     from jaxquant.train.ptq import ptq_rules
 
     for name in VQ_METHODS + ("kmeans_d4_b8_rht_g64_cb2", "kmeans_d2_b4_dkm", "e8p2_rht"):
-        recipe = vq.get_vq(name)
-        assert recipe.name == name and vq.get_vq(recipe.name) == recipe
+        recipe = get_quantizer(name)
+        assert isinstance(recipe, VQ)
+        assert recipe.name == name and get_quantizer(recipe.name) == recipe
     (rule,) = ptq_rules("e8p3_rht", group_size=64)
-    assert rule.weight.format == VQ(format=E8P(3), rotate=True, group_size=64)
-    with pytest.raises(ValueError, match="unknown format name"):
-        vq.get_vq("lattice9")
+    assert rule.weight == VQ(format=E8P(3), rotate=True, group_size=64)
+    with pytest.raises(ValueError, match="no family matches"):
+        get_quantizer("lattice9")
+
+
+# (quantizer, its name): every option of the vector name grammar, alone and combined.
+OPTION_NAMES = [
+    (VQ(KMeans(4, 8), rotate=True, group_size=64, codebook_groups=2), "kmeans_d4_b8_rht_g64_cb2"),
+    (
+        VQ(KMeans(2, 4), qat="dkm", dkm_temperature=0.02, dkm_iters=3),
+        "kmeans_d2_b4_dkm_dkmt0.02_dkmi3",
+    ),
+    (
+        VQ(KMeans(2, 4), qat="dkm", dkm_temperature=1e-5, dkm_iters=0),
+        "kmeans_d2_b4_dkm_dkmt1e-05_dkmi0",
+    ),
+    (VQ(KMeans(1, 3), dkm_temperature=2e16), "kmeans_d1_b3_dkmt2e+16"),
+    (VQ(KMeans(2, 6, iters=7)), "kmeans_d2_b6_it7"),
+    (
+        VQ(KMeans(1, 3, iters=20), group_size=16, codebook_groups=4, seed=3, refit_scale=False),
+        "kmeans_d1_b3_it20_g16_cb4_seed3_norefit",
+    ),
+    (VQ(E8P(3), rotate=True, seed=5, refit_scale=False), "e8p3_rht_seed5_norefit"),
+    (VQ(PyramidVQ(4, 7, 2), group_size=32), "pvq_n4_k7_b2_g32"),
+    (VQ(Trellis(3, 64), rotate=True, group_size=128), "trellis3_t64_rht_g128"),
+]
+
+
+@pytest.mark.parametrize("quantizer,name", OPTION_NAMES, ids=[n for _, n in OPTION_NAMES])
+def test_names_with_every_option_parse_back(quantizer, name):
+    assert quantizer.name == name
+    assert get_quantizer(name) == quantizer
+    assert get_quantizer(name.upper()) == quantizer  # names are case-insensitive
+
+
+@pytest.mark.parametrize(
+    "name,match",
+    [
+        ("e8p2_rht_bogus", "'bogus'"),
+        ("kmeans_d2_b4_seedx", "'seedx'"),
+        ("kmeans_d2_b4_g", "'g'"),
+        ("kmeans_d2_b4_dkmi-1", "'dkmi-1'"),
+        ("kmeans_d2_b4_dkmt1e-", "'dkmt1e-'"),
+        ("kmeans_d2_b4_dkmt.", "'dkmt.'"),
+        ("kmeans_d4_b8_g6", "group_size=6"),
+        ("kmeans_d2_b4_cb0", "codebook_groups=0"),
+        ("e8p2_cb2", "codebook_groups=2"),
+        ("e8p2_dkm", "qat='dkm'"),
+        ("kmeans_d2_b4_dkm_rht", "rotate=True"),
+        ("kmeans_d2_b4_dkmt0", "dkm_temperature=0.0"),
+        ("kmeans_d9_b8", "vector_dim=9"),
+        ("e8p5", "bits=5"),
+        ("trellis2_t20", "length=20"),
+    ],
+)
+def test_bad_vector_names_raise_naming_the_option(name, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        get_quantizer(name)
+
+
+@pytest.mark.parametrize(
+    "order", ["act", "babai", np.arange(64)[::-1]], ids=["act", "babai", "perm"]
+)
+def test_order_is_a_gptq_option_that_vector_quantizers_reject(order):
+    w = jax.random.normal(jax.random.key(0), (64, 8))
+    h = jnp.eye(64) * 2.0
+    q = VQ(E8P(2))
+    with pytest.raises(ValueError, match="GPTQ"):
+        q.quantize(w, hessian=h, order=order)
+    with pytest.raises(ValueError, match="GPTQ"):
+        quantize(w, "kmeans_d2_b4", hessian=h, order=order)
+    with pytest.raises(ValueError, match="GPTQ"):  # without a Hessian too
+        q.quantize(w, order=order)
+    assert q.quantize(w, hessian=h, order=None).shape == (64, 8)
+
+
+@pytest.mark.parametrize(
+    "name,shape",
+    [
+        ("e8p2_rht", (128, 6, 4)),
+        ("e8p3_rht_g64", (192, 20)),
+        ("kmeans_d2_b6_g32", (128, 5, 3)),  # 6-bit codes packed 4 to 3 bytes, 15 columns: padded
+        ("kmeans_d1_b3", (40, 13)),  # 3-bit codes packed 8 to 3 bytes
+        ("kmeans_d2_b4_cb3", (64, 3, 4)),
+        ("trellis2_t64", (128, 24)),
+        ("pvq_n8_k6_b1", (64, 7)),
+    ],
+)
+def test_bits_per_weight_of_a_shape_equals_the_quantized_tensors(name, shape):
+    q = get_quantizer(name)
+    w = jax.random.normal(jax.random.key(4), shape)
+    assert q.bits_per_weight(shape) == quantize(w, q).bits_per_weight
+
+
+def test_bits_per_weight_counts_every_stored_array():
+    # kmeans_d2_b6_g32 on [128, 5, 3]: codes [64, 12] uint8 (15 six-bit codes in 4 units of
+    # 3 bytes), scales [4, 15] f32, codebook [1, 64, 2] f32.
+    nbytes = 64 * 12 + 4 * 15 * 4 + 64 * 2 * 4
+    assert get_quantizer("kmeans_d2_b6_g32").bits_per_weight((128, 5, 3)) == 8 * nbytes / 1920
+    # e8p2_rht on [128, 6, 4]: codes [16, 24, 2], scales [1, 24] f32, signs ceil(128/8) and
+    # ceil(24/8) bytes.
+    nbytes = 16 * 24 * 2 + 24 * 4 + 16 + 3
+    assert get_quantizer("e8p2_rht").bits_per_weight((128, 6, 4)) == 8 * nbytes / (128 * 24)
+
+
+def _layer_hessian(k, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((5 * k, k)) @ (np.eye(k) + 0.3 * rng.standard_normal((k, k)))
+    return jnp.asarray(x.T @ x, jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "name,shape",
+    [
+        ("e8p2_rht", (64, 3, 8)),
+        ("kmeans_d2_b6", (48, 5, 3)),  # bit-packed codes, 15 columns
+        ("kmeans_d2_b4_g16_cb3", (48, 3, 4)),
+        ("pvq_n8_k6_b1_rht_g32", (64, 2, 5)),
+    ],
+)
+def test_hessian_aware_vq_of_a_3d_weight_equals_havq_on_its_matrix(name, shape):
+    k, n = shape[0], int(np.prod(shape[1:]))
+    w = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+    h = _layer_hessian(k, seed=1)
+    q = get_quantizer(name)
+    got = quantize(w, q, hessian=h)
+    ref = vq.havq(w.reshape(k, n), h, q)
+    assert isinstance(got, vq.VQArray) and got.shape == shape and got.dtype == w.dtype
+    assert ref.shape == (k, n)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # same codes, scales, ...
+    np.testing.assert_array_equal(
+        np.asarray(got.dequantize()).reshape(k, n), np.asarray(ref.dequantize())
+    )
+    # The Hessian matters: round to nearest picks other codes.
+    assert not np.array_equal(np.asarray(got.codes), np.asarray(quantize(w, q).codes))
+
+
+def _auto_mesh(shape, names):
+    # Auto axes, as the trainer's mesh (train.partitioning.make_mesh) has them.
+    return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+# (quantizer name, weight shape, mesh shape, weight spec, codes split on K, codes split on N)
+SHARDING_CASES = [
+    ("kmeans_d2_b6", (512, 64), (8,), ("x", None), True, False),  # bit-packed codes
+    ("kmeans_d2_b6", (512, 64), (8,), (None, "x"), False, True),  # 8 codes: 6 bytes a device
+    ("kmeans_d2_b6", (512, 64), (8,), (None, None), False, False),
+    ("kmeans_d2_b6", (512, 24), (8,), (None, "x"), False, False),  # 3 codes: not whole bytes
+    ("kmeans_d1_b3_g32", (512, 64), (2, 4), ("x", "y"), True, True),
+    ("kmeans_d1_b3_g32", (512, 40), (2, 4), (("x", "y"), None), True, False),
+    ("e8p2_rht_g64", (512, 64), (8,), ("x", None), True, False),  # rotated
+    ("e8p2_rht_g64", (512, 64), (8,), (None, "x"), False, True),
+    ("e8p2_rht_g64", (512, 64), (8,), (None, None), False, False),
+    ("e8p2_rht_g64", (512, 3, 8), (8,), ("x", None, None), True, False),
+    ("kmeans_d2_b6_rht", (512, 64), (2, 4), ("y", "x"), True, True),  # packed and rotated
+    ("kmeans_d4_b8_cb2", (512, 64), (8,), (None, "x"), False, False),  # 4 columns of 32
+    ("kmeans_d4_b8_cb2", (512, 64), (2, 4), (None, "x"), False, True),  # 32 columns of 32
+    ("trellis2_t64", (512, 64), (8,), ("x", None), True, False),
+    ("pvq_n8_k6_b1", (512, 40), (8,), (None, "x"), False, True),
+]
+
+
+@pytest.mark.parametrize("name,shape,mesh_shape,spec,on_k,on_n", SHARDING_CASES)
+def test_vqarray_shardings_follow_the_weight_and_round_trip(
+    name, shape, mesh_shape, spec, on_k, on_n
+):
+    mesh = _auto_mesh(mesh_shape, ("x", "y")[: len(mesh_shape)])
+    w = jax.random.normal(jax.random.key(1), shape)
+    q = quantize(w, get_quantizer(name))
+    weight_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    shardings = q.shardings(weight_sharding)
+    assert jax.tree.structure(shardings) == jax.tree.structure(q)
+    assert all(isinstance(s, jax.sharding.NamedSharding) for s in jax.tree.leaves(shardings))
+    placed = jax.device_put(q, shardings)
+    # The round trip is exact: the same static layout and bit-identical arrays.
+    assert isinstance(placed, vq.VQArray)
+    for field in ("shape", "dtype", "format", "group_size", "codebook_groups"):
+        assert getattr(placed, field) == getattr(q, field)
+    assert placed.rotated == q.rotated
+    for leaf, orig, s in zip(
+        jax.tree.leaves(placed), jax.tree.leaves(q), jax.tree.leaves(shardings), strict=True
+    ):
+        assert leaf.sharding.is_equivalent_to(s, leaf.ndim)
+        assert leaf.dtype == orig.dtype
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(orig))
+    want = np.asarray(q.dequantize())
+    np.testing.assert_array_equal(np.asarray(jax.device_get(placed).dequantize()), want)
+    got = np.asarray(placed.dequantize())  # computed on the shards
+    if q.rotated:  # the Hadamard transforms sum in another order over shards: f32, √K terms
+        eps = np.finfo(np.float32).eps
+        np.testing.assert_allclose(
+            got, want, rtol=0, atol=8 * eps * np.sqrt(512) * np.abs(want).max()
+        )
+    else:  # lookups and scaling only: exact
+        np.testing.assert_array_equal(got, want)
+    # Whole vectors and scale groups per device along K; whole bytes and codebook groups along N.
+    codes_spec = tuple(shardings.codes.spec) + (None,) * 3
+    assert (codes_spec[0] is not None) == on_k, shardings.codes.spec
+    assert (codes_spec[1] is not None) == on_n, shardings.codes.spec
+    if on_k:
+        assert codes_spec[0] == spec[0]
+    if on_n:
+        assert codes_spec[1] == spec[1] and shardings.scale.spec[1] == spec[1]
+    for s in (shardings.codebook, shardings.signs_in, shardings.signs_out):
+        assert s is None or s.is_fully_replicated
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["e8p2_rht", "e8p3_g64", "kmeans_d2_b6", "kmeans_d4_b8_cb2", "pvq_n8_k6_b1", "trellis2_t64"],
+)
+def test_the_matmul_of_a_vqarray_equals_the_dequantized_matmul(name):
+    k = 256
+    w = jax.random.normal(jax.random.key(2), (k, 5, 8))
+    x = jax.random.normal(jax.random.key(3), (2, 7, k))
+    q = quantize(w, get_quantizer(name))
+    ref = np.einsum(
+        "abk,kn->abn",
+        np.asarray(x, np.float64),
+        np.asarray(q.dequantize(), np.float64).reshape(k, 40),
+    ).reshape(2, 7, 5, 8)
+    atol = 2e-6 * np.sqrt(k) * np.abs(ref).max()
+    got = x @ q
+    assert got.shape == (2, 7, 5, 8) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=atol)
+    with kernel_options(enabled=False):  # the dequantize-then-multiply path
+        np.testing.assert_allclose(np.asarray(x @ q), ref, rtol=1e-5, atol=atol)
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(lambda x, q: x @ q)(x, q)), ref, rtol=1e-5, atol=atol
+    )

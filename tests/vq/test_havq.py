@@ -1,5 +1,7 @@
 """Hessian-aware VQ: against a float64 numpy BlockLDLQ, below RTN, through quantize_model."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,9 +10,11 @@ import pytest
 
 from jaxquant.models import Llama, LlamaConfig
 from jaxquant.nn import QuantConfig, QuantRule, serving_params
-from jaxquant.ptq import layer_error, quantize_model
-from jaxquant.ptq.havq import havq
-from jaxquant.vq import VQ, KMeans, VQArray, quantize_vq
+from jaxquant.numerics import layer_error, quantize
+from jaxquant.ptq import quantize_model
+from jaxquant.vq import KMeans, VQArray, havq
+from jaxquant.vq import VectorQuantizer as VQ
+from jaxquant.vq.vqarray import encode_weight
 
 
 def _layer(k, n, seed=0):
@@ -65,13 +69,15 @@ def test_havq_equals_a_float64_numpy_block_ldlq(d, bits):
 )
 def test_havq_has_a_lower_layer_error_than_rtn_vq(recipe):
     w, h = _layer(128, 32)
-    rtn = quantize_vq(w, recipe, importance=jnp.diag(h))
+    rtn = encode_weight(w, jnp.diag(h), None, quantizer=recipe)  # Hessian-diagonal-weighted RTN
     q = havq(w, h, recipe)
+    # quantize with a Hessian is havq
+    np.testing.assert_array_equal(np.asarray(quantize(w, recipe, hessian=h).codes), q.codes)
     assert isinstance(q, VQArray) and q.shape == w.shape and q.nbytes == rtn.nbytes
     e_rtn, e = float(layer_error(w, rtn, h)), float(layer_error(w, q, h))
     assert e < 0.6 * e_rtn, (e, e_rtn)
     # The Hessian-weighted scale refit never raises the error.
-    plain = havq(w, h, VQ(**{**recipe.__dict__, "refit_scale": False}))
+    plain = havq(w, h, dataclasses.replace(recipe, refit_scale=False))
     assert e <= float(layer_error(w, plain, h)) * (1 + 1e-5)
 
 
@@ -81,7 +87,7 @@ def test_havq_rejects_bad_arguments():
         havq(w, h[:8, :8], VQ(format=KMeans(2, 2)))
     with pytest.raises(ValueError, match="vector_dim"):
         havq(w[:15], h[:15, :15], VQ(format=KMeans(2, 2)))
-    with pytest.raises(TypeError, match="VQ"):
+    with pytest.raises(TypeError, match="VectorQuantizer"):
         havq(w, h, KMeans(2, 2))
     with pytest.raises(ValueError, match="damp"):
         havq(w, h, VQ(format=KMeans(2, 2)), damp=-1.0)
@@ -99,9 +105,9 @@ def test_quantize_model_with_vq_rules_is_hessian_aware_and_serves():
         QuantRule(".*", weight=VQ(format=KMeans(4, 8), rotate=True)),
     )
     batches = [jax.random.randint(jax.random.key(i), (4, 16), 0, 32) for i in range(2)]
-    quant, report = quantize_model(model, params, batches, rules, method="vq", return_report=True)
-    assert report.method == "vq" and len(report.layers) == 14
-    for r in report.layers:
+    quant, report = quantize_model(model, params, batches, rules)
+    assert len(report.weights) == 14
+    for r in report.weights:
         assert r.method == "havq" and r.error <= r.rtn_error * 1.0001, r
     served = model.clone(quant=QuantConfig(mode="serve", rules=rules))
     logits = served.apply({"params": serving_params(params, quant), "quant": quant}, tokens)

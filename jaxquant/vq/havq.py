@@ -1,7 +1,7 @@
 """Hessian-aware vector quantization: GPTQ's error feedback over blocks of ``d`` rows.
 
 Terminology (Flax layout, as ``gptq``): ``w`` [K, N] (K = inputs, the rows), ``H = Σ x xᵀ``
-[K, K], a recipe ``VQ`` whose format cuts each column into vectors of ``d`` rows.
+[K, K], a ``VectorQuantizer`` whose format cuts each column into vectors of ``d`` rows.
 
 The algorithm (QuIP#'s BlockLDLQ, GPTVQ): with ``U`` the upper Cholesky factor of the damped
 ``H⁻¹`` (``H⁻¹ = Uᵀ U``), quantize the vectors of rows ``B = [jd, (j+1)d)`` of every column at
@@ -32,74 +32,73 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from jaxquant.ptq.gptq import _check_layer, _damped_inverse_factor
-from jaxquant.vq import VQ, VQArray, rotation
+from jaxquant.numerics import hessian as hessian_lib
+from jaxquant.numerics.qarray import check_input
+from jaxquant.vq import rotation
 from jaxquant.vq import vqarray as vqa
+from jaxquant.vq.vqarray import VQArray
 
-_MAX_DAMP_TRIES = 6
 
-
-def havq(w, hessian, recipe: VQ, *, damp: float = 0.01) -> VQArray:
+def havq(w, hessian, quantizer, *, damp: float = 0.01) -> VQArray:
     """Hessian-aware VQ of a layer ``w`` [K, N]: minimizes ``tr((w − ŵ)ᵀ H (w − ŵ))`` block by
     block (see the module docstring).
 
     Args:
       w: float [K, N].
       hessian: [K, K], ``Σ x xᵀ`` over calibration inputs.
-      recipe: a ``VQ`` (any format: ``KMeans``, ``E8P``, ``PyramidVQ``, ``Trellis``; rotated or
-        not).
-      damp: relative damping of the Hessian diagonal (grown tenfold on a failed Cholesky).
+      quantizer: a ``VectorQuantizer`` (any format: ``KMeans``, ``E8P``, ``PyramidVQ``,
+        ``Trellis``; rotated or not).
+      damp: relative damping of the Hessian diagonal (``numerics.damp_hessian``: grown tenfold
+        while the Cholesky fails).
 
     Returns:
       A ``VQArray`` of ``w``'s shape and dtype.
 
     Example:
-      >>> q = havq(w, hessian, VQ(format=E8P(2), rotate=True))   # 2 bits per weight
+      >>> q = havq(w, hessian, VectorQuantizer(E8P(2), rotate=True))   # 2 bits per weight
     """
-    w, h = _check_layer(w, hessian)
-    if not isinstance(recipe, VQ):
-        raise TypeError(f"havq recipe={recipe!r}: expected a VQ.")
+    w = check_input(w, "havq w")
+    if w.ndim != 2:
+        raise ValueError(f"havq w: expected a float [K, N] array, got shape {w.shape}.")
     k, n = w.shape
-    recipe.check_shape(k, n)
-    if not damp >= 0:
-        raise ValueError(f"havq damp={damp!r}: expected >= 0.")
-    for attempt in range(_MAX_DAMP_TRIES):
-        lam = damp * 10**attempt
-        q, ok = _havq_jit(w, h, jnp.float32(lam), recipe=recipe)
-        if bool(ok):
-            return q
-    raise ValueError(
-        f"hessian: not positive definite even with damping {lam:.3g} x mean diagonal; check "
-        "the calibration data."
+    h = hessian_lib.check_hessian(hessian, k, "havq hessian")
+    if not hasattr(quantizer, "codebook_groups"):
+        raise TypeError(f"havq quantizer={quantizer!r}: expected a VectorQuantizer.")
+    quantizer.check_shape((k, n))
+    signs_in = signs_out = None
+    if quantizer.rotate:
+        signs_in, signs_out = vqa.rotation_signs(quantizer.seed, k, n)
+        h = _rotated_hessian(h, signs_in)
+    damped = hessian_lib.damp_hessian(h, damp)
+    return _havq_jit(
+        w, h, damped.inverse_factor, damped.dead, signs_in, signs_out, quantizer=quantizer
     )
 
 
-@functools.partial(jax.jit, static_argnames=("recipe",))
-def _havq_jit(w, h, lam, *, recipe: VQ):
+@jax.jit
+def _rotated_hessian(h, signs_in):
+    return rotation.rotate_hessian(h, rotation.unpack_signs(signs_in, h.shape[0]))
+
+
+@functools.partial(jax.jit, static_argnames=("quantizer",))
+def _havq_jit(w, h, u, dead, signs_in, signs_out, *, quantizer):
     k, n = w.shape
-    fmt = recipe.format
+    fmt = quantizer.format
     d = fmt.vector_dim
     w2 = w.astype(jnp.float32)
-    signs_in = signs_out = None
-    if recipe.rotate:
-        signs_in, signs_out = vqa.rotation_signs(recipe, k, n)
+    if quantizer.rotate:
         s_in = rotation.unpack_signs(signs_in, k)
         s_out = rotation.unpack_signs(signs_out, n)
         w2 = rotation.rotate_weight(w2, s_in, s_out)
-        h = rotation.rotate_hessian(h, s_in)
-    u, dead = _damped_inverse_factor(h, lam)
-    ok = jnp.all(jnp.isfinite(u))
-    u = jnp.where(ok, u, jnp.eye(k, dtype=u.dtype))
     w2 = jnp.where(dead[:, None], 0.0, w2)
-    g = recipe.group_size or k
-    scale = vqa.group_rms_scale(w2, recipe)
+    g = quantizer.group_size or k
+    scale = vqa.group_rms_scale(w2, quantizer)
     full = vqa.expand_scale(scale, k, g)  # [K, N]
     diag = jnp.where(dead, 0.0, jnp.diag(h))
     codebook = vqa.fit_codebook(
-        w2 / full, recipe, jax.random.key(recipe.seed), diag[:, None] * jnp.square(full)
+        w2 / full, quantizer, jax.random.key(quantizer.seed), diag[:, None] * jnp.square(full)
     )
     row_weight = 1.0 / jnp.square(jnp.diag(u))  # GPTQ's error weight of each row
     rows = jnp.arange(k)
@@ -110,8 +109,8 @@ def _havq_jit(w, h, lam, *, recipe: VQ):
         block = lax.dynamic_slice_in_dim(wt, r0, d)  # [d, N]
         fb = lax.dynamic_slice_in_dim(full, r0, d)
         weights = lax.dynamic_slice_in_dim(row_weight, r0, d)[:, None] * jnp.square(fb)
-        c = vqa.encode_matrix(block / fb, codebook, recipe, weights)  # [1, N, B]
-        deq = _decode_block(c, codebook, recipe) * fb  # [d, N]
+        c = vqa.encode_matrix(block / fb, codebook, quantizer, weights)  # [1, N, B]
+        deq = _decode_block(c, codebook, quantizer) * fb  # [d, N]
         ub = lax.dynamic_slice(u, (r0, r0), (d, d))
         e = jax.scipy.linalg.solve_triangular(ub.T, block - deq, lower=True)  # U_BBᵀ E = Δ
         u_rows = lax.dynamic_slice_in_dim(u, r0, d)  # [d, K]
@@ -122,26 +121,17 @@ def _havq_jit(w, h, lam, *, recipe: VQ):
 
     codes0 = jnp.zeros((k // d, n, fmt.code_bytes), jnp.uint8)
     _, codes = lax.fori_loop(0, k // d, step, (w2, codes0))
-    q = VQArray(
-        codes=vqa.pack_codes(codes, fmt),
-        scale=scale,
-        shape=(k, n),
-        dtype=np.dtype(w.dtype),
-        recipe=recipe,
-        codebook=codebook,
-        signs_in=signs_in,
-        signs_out=signs_out,
-    )
-    if recipe.refit_scale:
+    q = vqa.assemble(codes, scale, w, quantizer, codebook, signs_in, signs_out)
+    if quantizer.refit_scale:
         q = q.replace(scale=hessian_refit_scale(q, w2, h))
-    return q, ok
+    return q
 
 
-def _decode_block(codes, codebook, recipe: VQ):
+def _decode_block(codes, codebook, quantizer):
     """f32 [d, N]: the unit-space rows of one block's codes [1, N, B]."""
-    fmt = recipe.format
+    fmt = quantizer.format
     n = codes.shape[1]
-    groups = recipe.codebook_groups
+    groups = quantizer.codebook_groups
     cols = n // groups
     parts = []
     for c in range(groups):
@@ -154,7 +144,7 @@ def hessian_refit_scale(q: VQArray, w2, h) -> jax.Array:
     """Per column, the group scales minimizing ``(w − U s)ᵀ H (w − U s)`` for the decoded
     unit-space values ``U`` (a G×G system per column; the old scales where it is singular)."""
     k, n = w2.shape
-    g = q.recipe.group_size or k
+    g = q.group_size or k
     groups = k // g
     unit = q.replace(scale=jnp.ones_like(q.scale)).rotated_matrix()  # [K, N]
     ug = unit.reshape(groups, g, n)

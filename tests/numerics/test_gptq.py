@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 import jaxquant.numerics as jn
-from jaxquant.ptq import babai_error_bound, babai_nearest_plane, gptq, layer_error, rtn
+from jaxquant.numerics import (
+    babai_error_bound,
+    babai_nearest_plane,
+    babai_order,
+    gptq,
+    layer_error,
+    quantize,
+)
 
 
 def _problem(k=48, n=6, seed=0, correlated=True):
@@ -92,16 +99,8 @@ def test_gptq_codes_equal_a_numpy_reference(name, fmt, group, sym, act_order):
     h[5, :] = h[:, 5] = 0  # a dead input
     bits = fmt.bits
     scaling = jn.Scaling(axis=0, group_size=group, zero_point=not sym)
-    preset = jn.Preset("t", fmt, scaling)
-    q = gptq(
-        w,
-        h,
-        preset,
-        group_size=group,
-        act_order=act_order,
-        block_size=16,
-        static_groups=act_order and group is not None,
-    )
+    quantizer = jn.ScalarQuantizer(fmt, scaling)
+    q = gptq(w, h, quantizer, order="act" if act_order else None, lazy_batch=16)
     ref_deq, ref_codes = _np_gptq(w, h, bits, group, sym=sym, act_order=act_order)
     codes = _codes(q) if sym else np.asarray(jn.unpack(q.codes, bits, q.shape[-1]))
     np.testing.assert_array_equal(codes, ref_codes)
@@ -109,13 +108,13 @@ def test_gptq_codes_equal_a_numpy_reference(name, fmt, group, sym, act_order):
     assert np.all(np.asarray(q.dequantize())[5] == 0)
 
 
-@pytest.mark.parametrize("block_size", [32, 20, 7])
-def test_a_block_size_that_does_not_divide_in_features_gives_the_same_codes(block_size):
-    """Rows are padded to whole blocks; padding must not touch real rows or group scales."""
+@pytest.mark.parametrize("lazy_batch", [32, 20, 7])
+def test_a_lazy_batch_that_does_not_divide_in_features_gives_the_same_codes(lazy_batch):
+    """Rows are padded to whole batches; padding must not touch real rows or group scales."""
     w, h = _problem(k=48, n=6, seed=7)
-    fmt = jn.Preset("int3", jn.IntFormat(3), jn.Scaling(axis=0, group_size=16))
-    q = gptq(w, h, fmt, block_size=block_size)
-    ref_deq, ref_codes = _np_gptq(w, h, 3, 16, block=block_size)
+    fmt = jn.ScalarQuantizer(jn.IntFormat(3), jn.Scaling(axis=0, group_size=16))
+    q = gptq(w, h, fmt, lazy_batch=lazy_batch)
+    ref_deq, ref_codes = _np_gptq(w, h, 3, 16, block=lazy_batch)
     np.testing.assert_array_equal(_codes(q), ref_codes)
     np.testing.assert_allclose(np.asarray(q.dequantize()), ref_deq, atol=1e-4)
 
@@ -125,18 +124,22 @@ def test_a_block_size_that_does_not_divide_in_features_gives_the_same_codes(bloc
 )
 def test_gptq_beats_rtn_on_correlated_inputs_for_every_format(preset):
     w, h = _problem(k=128, n=16, seed=3)
-    g = {"MXFP4": 32, "NVFP4": 16, "NF4": 64}.get(preset.name, 32)
-    e_gptq = float(layer_error(w, gptq(w, h, preset, group_size=g, block_size=32), h))
-    e_rtn = float(layer_error(w, rtn(w, preset, group_size=g), h))
+    g = {"mxfp4": 32, "nvfp4": 16, "nf4": 64}.get(preset.name, 32)
+    preset = preset.with_group_size(g)
+    e_gptq = float(layer_error(w, gptq(w, h, preset, lazy_batch=32), h))
+    e_rtn = float(layer_error(w, quantize(w, preset), h))
+    # quantize with a Hessian runs the same GPTQ (default lazy batch of 128 rows)
+    e_quantize = float(layer_error(w, quantize(w, preset, hessian=h), h))
+    assert e_quantize == float(layer_error(w, gptq(w, h, preset), h))
     assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
 
 
 def test_gptq_back_to_front_equals_babai_nearest_plane():
-    fmt = jn.Preset("int4", jn.IntFormat(4), jn.Scaling(axis=0))
+    fmt = jn.ScalarQuantizer(jn.IntFormat(4), jn.Scaling(axis=0))
     same = total = 0
     for seed in range(4):
         w, h = _problem(k=40, n=6, seed=10 + seed)
-        back_to_front = gptq(w, h, fmt, order=np.arange(40)[::-1], block_size=8)
+        back_to_front = gptq(w, h, fmt, order=np.arange(40)[::-1], lazy_batch=8)
         babai = babai_nearest_plane(w, h, fmt)  # the same per-channel scales, from w
         np.testing.assert_array_equal(back_to_front.scale, babai.scale)
         same += int((_codes(back_to_front) == _codes(babai)).sum())
@@ -146,7 +149,7 @@ def test_gptq_back_to_front_equals_babai_nearest_plane():
 
 def test_babai_error_is_within_its_bound_when_nothing_clips():
     w, h = _problem(k=40, n=6, seed=20)
-    fmt = jn.Preset("int6", jn.IntFormat(6), jn.Scaling(axis=0))
+    fmt = jn.ScalarQuantizer(jn.IntFormat(6), jn.Scaling(axis=0))
     wide = 4 * w  # scales from 4x the weights: no value reaches the ends of the grid
     q = babai_nearest_plane(w, h, fmt, scale_from=wide)
     s = np.abs(wide).max(0, keepdims=True) / 31
@@ -164,7 +167,10 @@ BAD = [
     (lambda w, h: gptq(w, h[:-1], jn.INT4), "hessian: expected shape"),
     (lambda w, h: gptq(w, h * np.nan, jn.INT4), "NaN"),
     (lambda w, h: gptq(w[None], h, jn.INT4), "w: expected"),
-    (lambda w, h: gptq(w, h, jn.INT4_G128, group_size=16, act_order=True), "static_groups=True"),
+    (lambda w, h: gptq(w, h, jn.INT4, order="zigzag"), "order='zigzag'"),
+    (lambda w, h: gptq(w, h, jn.INT4, lazy_batch=0), "lazy_batch=0"),
+    (lambda w, h: gptq(w, h, jn.INT4_G128), "group_size=128 does not divide"),
+    (lambda w, h: gptq(w, h, jn.FP4_AFPQ_G128.with_group_size(16)), "split-sign"),
     (lambda w, h: gptq(w, -np.eye(48, dtype=np.float32) * 1e3, jn.INT4), "not positive definite"),
     (lambda w, h: gptq(w, h, jn.INT4, order=np.zeros(48, int)), "permutation"),
 ]
@@ -177,6 +183,12 @@ def test_bad_input_raises(call, match):
         call(w, h)
 
 
+def test_gptq_takes_only_scalar_quantizers():
+    w, h = _problem()
+    with pytest.raises(TypeError, match="ScalarQuantizer"):
+        gptq(w, h, "int4")
+
+
 def _scaled_problem(seed, k=96, n=16):
     """Correlated inputs whose features differ in scale (as activations do)."""
     rng = np.random.default_rng(seed)
@@ -186,9 +198,7 @@ def _scaled_problem(seed, k=96, n=16):
 
 
 def test_babai_order_lowers_the_bound_and_the_error_below_act_order():
-    from jaxquant.ptq import babai_order
-
-    fmt = jn.Preset("int3", jn.IntFormat(3), jn.Scaling(axis=0))
+    fmt = jn.ScalarQuantizer(jn.IntFormat(3), jn.Scaling(axis=0))
     for seed in range(3):
         w, h = _scaled_problem(seed)
         hd = h.astype(np.float64) + 0.01 * np.mean(np.diag(h)) * np.eye(96)
@@ -201,6 +211,6 @@ def test_babai_order_lowers_the_bound_and_the_error_below_act_order():
 
         act = np.argsort(-np.diag(hd), kind="stable")
         assert bound_sum(order) < bound_sum(act) < bound_sum(np.arange(96))
-        e_babai = float(layer_error(w, gptq(w, h, fmt, order="babai", block_size=32), h))
-        e_act = float(layer_error(w, gptq(w, h, fmt, act_order=True, block_size=32), h))
+        e_babai = float(layer_error(w, gptq(w, h, fmt, order="babai", lazy_batch=32), h))
+        e_act = float(layer_error(w, gptq(w, h, fmt, order="act", lazy_batch=32), h))
         assert e_babai < e_act, (seed, e_babai, e_act)

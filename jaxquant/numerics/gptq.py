@@ -1,4 +1,4 @@
-"""Layer-wise post-training quantization: RTN, GPTQ, and Babai's nearest plane.
+"""GPTQ and Babai's nearest plane: Hessian-aware quantization of a scalar-format weight.
 
 Terminology (Flax layout throughout):
   w:        a weight ``[in_features, out_features]``; row ``k`` holds input feature ``k`` of every
@@ -7,8 +7,11 @@ Terminology (Flax layout throughout):
             output error for a quantized ``ŵ`` is ``tr((w − ŵ)ᵀ H (w − ŵ))``.
   order:    the order in which rows are quantized; each later row absorbs the error of the
             earlier ones through H.
-  block:    GPTQ's lazy-batch size: error feedback inside a block of rows is immediate, to the
-            rows after it is applied once per block (same result, fewer memory passes).
+  lazy batch: GPTQ's blocks of ``lazy_batch`` rows: error feedback inside a lazy batch is
+            immediate, to the rows after it is applied once per batch (fewer memory passes; with
+            dynamic group scales the batch size decides which updates a new group's scale sees).
+  quantizer: a ``ScalarQuantizer`` (format, scaling, calibration); its scales are shared along
+            the input axis 0 (per tensor, per output channel, or per group of inputs).
 
 GPTQ (Frantar et al., arXiv:2210.17323, Alg. 1) quantizes row ``k`` to ``q_k`` and moves its
 scaled error to the rows not yet quantized: ``w_j −= (w_k − q_k) · U_kj / U_kk`` with ``U`` the
@@ -27,90 +30,41 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxquant.numerics import Preset, QArray, QuantizedTensor
 from jaxquant.numerics import calibration as calibration_lib
 from jaxquant.numerics import formats as formats_lib
+from jaxquant.numerics import hessian as hessian_lib
 from jaxquant.numerics import scaling as scaling_lib
-from jaxquant.numerics.qarray import resolve
+from jaxquant.numerics.qarray import QArray, check_input
 from pallas_kernels import packing
 
 
-def layer_scaling(fmt, group_size: int | None | str = "preset"):
-    """(format, scaling) for a ``[in, out]`` weight: scales shared along the input axis (0).
-
-    ``group_size`` overrides the preset's grouping (None: per output channel).
-    """
-    fmt, scaling = resolve(fmt, None)
-    if scaling.axis is None and group_size == "preset":
+def matrix_recipe(quantizer) -> tuple[formats_lib.Format, scaling_lib.Scaling, object]:
+    """(format, scaling, calibration) of a ``ScalarQuantizer`` for a ``[in, out]`` weight: its
+    scales moved to the input axis 0 (one scale per tensor stays so)."""
+    fmt = getattr(quantizer, "format", None)
+    scaling = getattr(quantizer, "scaling", None)
+    if not isinstance(fmt, formats_lib.Format) or not isinstance(scaling, scaling_lib.Scaling):
+        raise TypeError(
+            f"quantizer={quantizer!r}: expected a ScalarQuantizer (a preset such as INT4_G128, "
+            "or ScalarQuantizer(format, scaling)); vector formats use jaxquant.vq.havq."
+        )
+    if scaling.split_sign:
+        raise ValueError(
+            f"{quantizer.name}: GPTQ does not support split-sign scales (their negative and "
+            "positive halves change with each update); use round-to-nearest."
+        )
+    if scaling.axis is not None:
         scaling = dataclasses.replace(scaling, axis=0)
-    if group_size != "preset":
-        scaling = dataclasses.replace(scaling, axis=0, group_size=group_size)
-    if scaling.axis not in (0, (0,)) or scaling.split_sign:
+    return fmt, scaling, quantizer.calibration
+
+
+def _check_layer(w, hessian, fn: str):
+    w = check_input(w, f"{fn} w")
+    if w.ndim != 2:
         raise ValueError(
-            f"{fmt.name}: PTQ quantizes [in, out] weights with scales along axis 0 and no "
-            f"split-sign scales, got {scaling}."
+            f"{fn} w: expected a float [in_features, out_features] array, got {w.shape}."
         )
-    return fmt, dataclasses.replace(scaling, axis=0)
-
-
-def _check_layer(w, hessian):
-    w = jnp.asarray(w)
-    if w.ndim != 2 or not jnp.issubdtype(w.dtype, jnp.floating):
-        raise ValueError(
-            f"w: expected a float [in_features, out_features] array, got {w.shape} {w.dtype}."
-        )
-    if hessian is None:
-        return w, None
-    h = jnp.asarray(hessian, jnp.float32)
-    if h.shape != (w.shape[0], w.shape[0]):
-        raise ValueError(
-            f"hessian: expected shape {(w.shape[0], w.shape[0])} (in_features squared) for w of "
-            f"shape {w.shape}, got {h.shape}."
-        )
-    if not isinstance(h, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(h))):
-        raise ValueError("hessian: contains NaN or Inf.")
-    return w, h
-
-
-def rtn(w, fmt, *, group_size: int | None | str = "preset", calibration="absmax") -> QArray:
-    """Round-to-nearest: ``quantize`` with scales along the input axis (the PTQ baseline)."""
-    from jaxquant.numerics import quantize
-
-    w, _ = _check_layer(w, None)
-    fmt, scaling = layer_scaling(fmt, group_size)
-    return quantize(w, fmt, scaling, calibration=calibration)
-
-
-def layer_error(w, q, hessian) -> jax.Array:
-    """``tr((w − ŵ)ᵀ H (w − ŵ)) / tr(wᵀ H w)``: the layer's relative output error."""
-    w, h = _check_layer(w, hessian)
-    quantized = isinstance(q, QuantizedTensor)
-    w_hat = q.dequantize(jnp.float32) if quantized else jnp.asarray(q, jnp.float32)
-    d = w.astype(jnp.float32) - w_hat
-    w = w.astype(jnp.float32)
-    return jnp.sum(d * (h @ d)) / jnp.sum(w * (h @ w))
-
-
-def _stable_hessian(h, damp: float, max_tries: int = 6):
-    """Dead inputs fixed, damping ``damp · mean(diag H)`` added; on a failed Cholesky the damping
-    grows tenfold, up to ``max_tries`` times, then a ValueError. Returns (H, dead, damp used)."""
-    h = np.asarray(h, np.float64)
-    dead = np.diag(h) == 0
-    h = h.copy()
-    h[dead, dead] = 1.0
-    mean_diag = float(np.mean(np.diag(h)))
-    for attempt in range(max_tries):
-        lam = damp * 10**attempt * mean_diag
-        hd = h + lam * np.eye(h.shape[0])
-        try:
-            np.linalg.cholesky(hd)
-            return hd, dead, lam
-        except np.linalg.LinAlgError:
-            continue
-    raise ValueError(
-        f"hessian: not positive definite even with damping {lam:.3g} "
-        f"({damp} x 10^{max_tries - 1} x mean diagonal); check the calibration data."
-    )
+    return w, hessian_lib.check_hessian(hessian, w.shape[0], f"{fn} hessian")
 
 
 def _quant_row(row, stored, fmt, scaling):
@@ -145,128 +99,114 @@ def _assemble(codes, stored, fmt, scaling, shape, dtype) -> QArray:
 def gptq(
     w,
     hessian,
-    fmt: formats_lib.Format | Preset,
+    quantizer,
     *,
-    group_size: int | None | str = "preset",
-    act_order: bool = False,
-    block_size: int = 128,
-    damp: float = 0.01,
-    static_groups: bool = False,
     order=None,
-    calibration="absmax",
+    static_groups: bool = False,
+    lazy_batch: int = 128,
+    damp: float = 0.01,
 ) -> QArray:
     """GPTQ: quantize ``w`` ``[in, out]`` minimizing ``tr((w − ŵ)ᵀ H (w − ŵ))`` row by row.
 
     Follows the reference implementation: dead inputs (zero Hessian diagonal) get weight 0;
-    damping ``damp · mean(diag H)`` (grown tenfold on a failed Cholesky); ``U`` the upper
-    Cholesky factor of ``H⁻¹``; lazy updates in blocks of ``block_size`` rows; per-group scales
-    computed when a group starts, from the weights as updated by the previous blocks (or all
-    up front with ``static_groups``); ``act_order`` processes inputs by decreasing ``diag(H)``.
-    The whole loop is one jitted computation (compiled once per shape and recipe); it runs in
-    float32, as the reference does on GPU.
+    damping ``damp · mean(diag H)`` (``hessian.damp_hessian``: grown tenfold while the Cholesky
+    fails); ``U`` the upper Cholesky factor of ``H⁻¹``; lazy updates in batches of
+    ``lazy_batch`` rows; per-group scales computed when a group starts, from the weights as
+    updated by the previous batches (or all up front with ``static_groups``; one scale per
+    tensor or per channel is always computed up front). The loop is one jitted computation
+    (compiled once per shape and recipe); it runs in float32, as the reference does on GPU.
+    ``ScalarQuantizer.quantize(w, hessian=H)`` calls this with the defaults.
 
     Args:
       w: float ``[in_features, out_features]``.
       hessian: ``[in_features, in_features]``, ``sum x xᵀ`` over calibration tokens.
-      fmt: any scalar format or preset (int 2–8, FP4/MXFP4/NVFP4, NF4, FP8).
-      group_size: overrides the preset's grouping along the input axis (None: per channel).
-      act_order: order rows by decreasing Hessian diagonal. With groups it needs
-        ``static_groups=True`` (a QArray stores groups of consecutive inputs).
-      block_size: rows per lazy-update block.
+      quantizer: a ``ScalarQuantizer`` (int 2–8, FP4/MXFP4/NVFP4, NF4, FP8; per tensor,
+        channel or group; any calibration). Its scales are shared along the input axis.
+      order: the order rows are quantized in: None (input order), ``'act'`` (act-order:
+        decreasing ``diag(H)``), ``'babai'`` (``babai_order``: the order that greedily lowers
+        Babai's error bound), or a permutation of ``range(in_features)``. Any order but the
+        input order fixes group scales up front (a QArray stores groups of consecutive inputs).
+      static_groups: compute every group's scale before quantizing, in input order too.
+      lazy_batch: rows per lazy update.
       damp: relative damping of the Hessian diagonal.
-      static_groups: compute every group's scale before quantizing.
-      order: an explicit permutation of the rows (overrides ``act_order``), e.g.
-        ``np.arange(in)[::-1]`` for back-to-front; or ``'babai'``: the order that greedily
-        minimizes Babai's error bound (``babai_order``).
-      calibration: how each group's (or channel's) range is chosen.
 
     Returns:
       A QArray of ``w``'s shape and dtype.
 
     References: Frantar et al., "GPTQ", arXiv:2210.17323, Alg. 1 and Sec. 4.
     """
-    w, h = _check_layer(w, hessian)
-    fmt, scaling = layer_scaling(fmt, group_size)
+    w, h = _check_layer(w, hessian, "gptq")
+    fmt, scaling, calibration = matrix_recipe(quantizer)
     k, n = w.shape
     g = scaling.group_size or k
-    if k % g:
-        raise ValueError(f"group_size={g} does not divide in_features={k}.")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size={block_size!r}: expected an int >= 1.")
-    if order is None and act_order and scaling.group_size and not static_groups:
-        raise ValueError(
-            "act_order=True with group_size needs static_groups=True: groups of consecutive "
-            "inputs are what a QArray stores, so their scales must be fixed before reordering."
-        )
+    scaling.block_view((k, n))  # a group size that does not divide in_features fails here
+    if isinstance(lazy_batch, bool) or not isinstance(lazy_batch, int) or lazy_batch < 1:
+        raise ValueError(f"gptq lazy_batch={lazy_batch!r}: expected an int >= 1.")
     if isinstance(order, str):
-        if order != "babai":
-            raise ValueError(f"order={order!r}: expected 'babai', a permutation, or None.")
-        order = babai_order(_stable_hessian(h, damp)[0])
-    if order is not None:
+        if order == "act":
+            diag = np.asarray(jnp.diag(h))
+            order = np.argsort(-np.where(diag == 0, 1.0, diag), kind="stable")
+        elif order == "babai":
+            order = babai_order(hessian_lib.damp_hessian(h, damp).matrix)
+        else:
+            raise ValueError(
+                f"gptq order={order!r}: expected None, 'act', 'babai' or a permutation."
+            )
+    if order is None:
+        perm = np.arange(k)
+    else:
         perm = np.asarray(order)
         if perm.shape != (k,) or sorted(perm.tolist()) != list(range(k)):
-            raise ValueError(f"order: expected a permutation of range({k}).")
-        if scaling.group_size and not static_groups:
-            raise ValueError("order= with group_size needs static_groups=True (see act_order).")
-    elif act_order:
-        diag = np.asarray(jnp.diag(h))
-        perm = np.argsort(-np.where(diag == 0, 1.0, diag), kind="stable")
-    else:
-        perm = np.arange(k)
-    dynamic = bool(scaling.group_size) and not static_groups
-    recipe = dict(
+            raise ValueError(f"gptq order: expected a permutation of range({k}).")
+        static_groups = True
+    damped = hessian_lib.damp_hessian(h, damp, order=perm)
+    codes, (scale, zero, t) = _gptq_jit(
+        w,
+        damped.inverse_factor,
+        damped.dead,
+        jnp.asarray(perm, jnp.int32),
         fmt=fmt,
         scaling=scaling,
-        calibration=calibration_lib.as_calibration(calibration),
-        block=min(block_size, k),
+        calibration=calibration,
+        block=min(lazy_batch, k),
         group=g,
-        dynamic=dynamic,
+        dynamic=bool(scaling.group_size) and not static_groups,
     )
-    perm = jnp.asarray(perm, jnp.int32)
-    for attempt in range(_MAX_DAMP_TRIES):
-        lam = damp * 10**attempt
-        codes, (scale, zero, t), ok = _gptq_jit(w, h, perm, jnp.float32(lam), **recipe)
-        if bool(ok):
-            return QArray(
-                codes=codes,
-                scale=scale,
-                shape=tuple(w.shape),
-                dtype=np.dtype(w.dtype),
-                format=fmt,
-                scaling=scaling,
-                zero=zero,
-                tensor_scale=t,
-            )
-    raise ValueError(
-        f"hessian: not positive definite even with damping {lam:.3g} x mean diagonal "
-        f"({damp} x 10^{_MAX_DAMP_TRIES - 1}); check the calibration data."
+    return QArray(
+        codes=codes,
+        scale=scale,
+        shape=tuple(w.shape),
+        dtype=np.dtype(w.dtype),
+        format=fmt,
+        scaling=scaling,
+        zero=zero,
+        tensor_scale=t,
     )
-
-
-_MAX_DAMP_TRIES = 6
 
 
 @functools.partial(
     jax.jit, static_argnames=("fmt", "scaling", "calibration", "block", "group", "dynamic")
 )
-def _gptq_jit(w, h, perm, lam, *, fmt, scaling, calibration, block, group, dynamic):
-    """Everything numeric of ``gptq`` in one compiled call: (packed codes, scales, ok).
-
-    ``ok`` is False when the damped Hessian's Cholesky failed (the caller retries with more
-    damping)."""
+def _gptq_jit(w, u, dead, perm, *, fmt, scaling, calibration, block, group, dynamic):
+    """Everything numeric of ``gptq`` after damping in one compiled call: (packed codes,
+    stored scales). ``u``: the inverse factor of the damped Hessian in processing order."""
     k, n = w.shape
     g = group
-    u, dead = _damped_inverse_factor(h[perm][:, perm], lam)
-    ok = jnp.all(jnp.isfinite(u))
-    u = jnp.where(ok, u, jnp.eye(k, dtype=u.dtype))  # keep the loop finite; the result is unused
-    inv = jnp.argsort(perm)
-    w32 = jnp.where(dead[inv][:, None], 0.0, w.astype(jnp.float32))
+    w32 = jnp.where(dead[:, None], 0.0, w.astype(jnp.float32))
     t = None
-    if scaling.tensor_scale:
-        view = w32.reshape(k // g, g, n)
-        lo, hi, _ = calibration_lib.calibrate(view, (1,), fmt, scaling, calibration)
-        t = scaling_lib.scales_from_range(lo, hi, fmt, scaling).tensor_scale
-    scales = _group_scales(w32.reshape(k // g, g, n), fmt, scaling, calibration, t, axis=1)
+    if scaling.axis is None:  # one scale for the tensor, fixed up front
+        lo, hi, t = calibration_lib.calibrate(w32, (0, 1), fmt, scaling, calibration)
+        stored = scaling_lib.scales_from_range(lo, hi, fmt, scaling, t)
+        scale_rows = jnp.broadcast_to(stored.scale.reshape(1, 1), (1, n))
+        zero_rows = None if stored.zero is None else jnp.broadcast_to(stored.zero, (1, n))
+    else:
+        if scaling.tensor_scale:
+            view = w32.reshape(k // g, g, n)
+            lo, hi, _ = calibration_lib.calibrate(view, (1,), fmt, scaling, calibration)
+            t = scaling_lib.scales_from_range(lo, hi, fmt, scaling).tensor_scale
+        stored = _group_scales(w32.reshape(k // g, g, n), fmt, scaling, calibration, t, axis=1)
+        scale_rows = stored.scale.reshape(k // g, n)
+        zero_rows = None if stored.zero is None else stored.zero.reshape(k // g, n)
     kp = -(-k // block) * block  # padded rows: zero weights, identity U, no feedback
     wp = jnp.zeros((kp, n), jnp.float32).at[:k].set(w32[perm])
     up = jnp.eye(kp, dtype=jnp.float32).at[:k, :k].set(u)
@@ -275,8 +215,8 @@ def _gptq_jit(w, h, perm, lam, *, fmt, scaling, calibration, block, group, dynam
         wp,
         up,
         row_group,
-        scales.scale.reshape(k // g, n),
-        None if scales.zero is None else scales.zero.reshape(k // g, n),
+        scale_rows,
+        zero_rows,
         t,
         rows=k,
         fmt=fmt,
@@ -286,29 +226,10 @@ def _gptq_jit(w, h, perm, lam, *, fmt, scaling, calibration, block, group, dynam
         group=g,
         dynamic=dynamic,
     )
-    codes = packing.pack(codes[:k][inv], fmt.bits)
-    return codes, (scale, zero, t), ok
-
-
-@jax.jit
-def _damped_inverse_factor(h, lam):
-    """``(U, dead)``: dead inputs of ``h`` set to 1 on the diagonal, ``lam · mean(diag H)`` added,
-    and ``U`` upper with ``H⁻¹ = Uᵀ U`` (NaN where the Cholesky fails).
-
-    The reference computes ``chol(H)``, then ``H⁻¹``, then ``chol(H⁻¹)``. We take one Cholesky
-    factor of the reversed matrix instead: with ``J`` the reversal, ``J H J = M Mᵀ`` (M lower)
-    gives ``H = V Vᵀ`` with ``V = J M J`` upper, so ``H⁻¹ = V⁻ᵀ V⁻¹`` and ``U = V⁻¹ = J M⁻¹ J``
-    is that same upper factor, for a Cholesky and a triangular inverse: ``2k³/3`` flops
-    against ``4k³/3`` for the reference's three steps, and no explicit inverse to lose
-    precision in float32.
-    """
-    dead = jnp.diag(h) == 0
-    h = h + jnp.diag(dead.astype(h.dtype))
-    h = h + lam * jnp.mean(jnp.diag(h)) * jnp.eye(h.shape[0], dtype=h.dtype)
-    m = jnp.linalg.cholesky(h[::-1, ::-1])
-    eye = jnp.eye(h.shape[0], dtype=h.dtype)
-    m_inv = jax.scipy.linalg.solve_triangular(m, eye, lower=True)
-    return m_inv[::-1, ::-1], dead
+    if scaling.axis is None:
+        scale, zero = stored.scale.reshape(1, 1), None if stored.zero is None else stored.zero
+    codes = packing.pack(codes[:k][jnp.argsort(perm)], fmt.bits)
+    return codes, (scale, zero, t)
 
 
 def _segments(num_blocks: int) -> list[tuple[int, int]]:
@@ -418,49 +339,65 @@ def _gptq_loop(
     return jnp.concatenate(codes), scale, zero
 
 
-def babai_nearest_plane(w, hessian, fmt, *, group_size=None, scale_from=None, damp: float = 0.01):
+def babai_nearest_plane(w, hessian, quantizer, *, scale_from=None, damp: float = 0.01) -> QArray:
     """Babai's nearest plane on the lattice with Gram matrix ``H``, last basis vector first.
 
     With ``H = Rᵀ R`` (R upper triangular, from the damped Hessian), the error
     ``‖R (w − q)‖²`` is a sum over rows k of ``(R_kk (w_k − q_k) + Σ_{j>k} R_kj (w_j − q_j))²``;
     going from k = in−1 down to 0, each ``q_k`` rounds ``w_k + Σ_{j>k} (R_kj / R_kk)(w_j − q_j)``
     onto the grid, which makes term k at most ``(R_kk · step_k / 2)²`` when nothing clips.
-    Scales are fixed up front from ``scale_from`` (default ``w``), per channel or per group.
+    Scales are fixed up front from ``scale_from`` (default ``w``) with the quantizer's
+    calibration. A slow, obviously-correct numpy loop: the lattice view of ``gptq``.
+
+    Args:
+      w, hessian, quantizer, damp: as ``gptq``.
+      scale_from: the ``[in, out]`` array whose ranges set the scales (default ``w``).
 
     Returns:
       A QArray like ``gptq``'s.
     """
-    w, h = _check_layer(w, hessian)
-    fmt, scaling = layer_scaling(fmt, group_size)
+    w, h = _check_layer(w, hessian, "babai_nearest_plane")
+    fmt, scaling, calibration = matrix_recipe(quantizer)
     k, n = w.shape
+    scaling.block_view((k, n))
     g = scaling.group_size or k
-    hd, dead, _ = _stable_hessian(h, damp)
-    r = np.linalg.cholesky(hd).T.astype(np.float32)  # H = Rᵀ R
+    damped = hessian_lib.damp_hessian(h, damp)
+    r = np.linalg.cholesky(np.asarray(damped.matrix, np.float64)).T.astype(np.float32)  # H = RᵀR
     w32 = np.asarray(w, np.float32).copy()
-    w32[dead, :] = 0.0
+    w32[np.asarray(damped.dead), :] = 0.0
     ref = jnp.asarray(w32 if scale_from is None else np.asarray(scale_from, np.float32))
-    cal = calibration_lib.as_calibration("absmax")
-    groups = [_group_scales(ref[i : i + g], fmt, scaling, cal, None) for i in range(0, k, g)]
-    r = np.asarray(r)
+    if scaling.axis is None:
+        lo, hi, t = calibration_lib.calibrate(ref, (0, 1), fmt, scaling, calibration)
+        stored = scaling_lib.scales_from_range(lo, hi, fmt, scaling, t)
+        row = scaling_lib.StoredScales(
+            jnp.broadcast_to(stored.scale, (1, n)),
+            None if stored.zero is None else jnp.broadcast_to(stored.zero, (1, n)),
+            None,
+        )
+        groups = [row]
+    else:
+        groups = [
+            _group_scales(ref[i : i + g], fmt, scaling, calibration, None) for i in range(0, k, g)
+        ]
+        stored = scaling_lib.StoredScales(
+            jnp.concatenate([s.scale for s in groups]),
+            None if groups[0].zero is None else jnp.concatenate([s.zero for s in groups]),
+            None,
+        )
     q = np.zeros((k, n), np.float32)
     codes = np.zeros((k, n), np.uint8)
     for row in reversed(range(k)):
         shift = (r[row, row + 1 :] / r[row, row]) @ (w32[row + 1 :] - q[row + 1 :])
         c, v = _quant_row(jnp.asarray(w32[row] + shift), groups[row // g], fmt, scaling)
         codes[row], q[row] = np.asarray(c), np.asarray(v)
-    stored = scaling_lib.StoredScales(
-        jnp.concatenate([s.scale for s in groups]),
-        None if groups[0].zero is None else jnp.concatenate([s.zero for s in groups]),
-        None,
-    )
     return _assemble(jnp.asarray(codes), stored, fmt, scaling, w.shape, w.dtype)
 
 
 def babai_error_bound(hessian, scale, *, damp: float = 0.01) -> jax.Array:
     """Per output channel, ``(step² / 4) Σ_k R_kk²`` for a uniform grid of step ``scale``
     (``[1, out]``) and ``H = Rᵀ R``: Babai's error bound when nothing clips."""
-    hd, _, _ = _stable_hessian(np.asarray(hessian), damp)
-    r_diag = np.diag(np.linalg.cholesky(hd))  # R = Lᵀ has the same diagonal
+    damped = hessian_lib.damp_hessian(hessian, damp)
+    r_diag = np.diag(np.linalg.cholesky(np.asarray(damped.matrix, np.float64)))
     return jnp.asarray(np.asarray(scale, np.float64) ** 2 / 4 * np.sum(r_diag**2))
 
 
