@@ -107,6 +107,33 @@ def test_no_private_name_is_imported_across_modules(module, path):
             )
 
 
+@pytest.mark.parametrize("module,path", MODULES, ids=[m for m, _ in MODULES])
+def test_no_module_is_imported_by_a_name_its_package_rebinds(module, path):
+    """``jaxquant.numerics.gptq`` is the function ``gptq`` (the package exports it), not the
+    module of that name: inside the package, ``from jaxquant.numerics import gptq as gptq_lib``
+    gets the module only because the package is still half-imported. Import such a sibling's
+    names from the module itself (outside the package, the name is the function, as meant)."""
+    import types
+
+    for imported, names in _imports(path, module):
+        if not module.startswith(imported + ".") or imported == "jaxquant":
+            continue
+        try:
+            package = importlib.import_module(imported)
+        except ImportError:
+            continue
+        for name in names:
+            try:
+                importlib.import_module(f"{imported}.{name}")
+            except ImportError:
+                continue  # a name, not a submodule
+            assert isinstance(getattr(package, name, None), types.ModuleType), (
+                f"{module} imports module {imported}.{name}, which the package rebinds to "
+                f"{type(getattr(package, name)).__name__} {name!r}: import from "
+                f"{imported}.{name} instead."
+            )
+
+
 @pytest.mark.parametrize("package", PACKAGES)
 def test_every_name_in_all_imports_with_star(package):
     mod = importlib.import_module(package)

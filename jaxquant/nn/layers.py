@@ -183,7 +183,7 @@ def einsum_contraction(module, args, kwargs) -> ops.Contraction:
     equations dequantize it first."""
     inputs = args[0]
     einsum_str = args[1] if len(args) > 1 else kwargs.get("einsum_str")
-    einsum_str = nn.module.merge_param("einsum_str", module.einsum_str, einsum_str)
+    einsum_str = nn.merge_param("einsum_str", module.einsum_str, einsum_str)
     einsum_str, lhs, rhs, out = _einsum_parts(einsum_str)
     kernel_shape = tuple(module.shape)
     if len(rhs) != len(kernel_shape):

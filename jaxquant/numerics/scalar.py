@@ -44,10 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.numerics import calibration as calibration_lib
-from jaxquant.numerics import fake_quant as fake_quant_lib
 from jaxquant.numerics import formats as F
-from jaxquant.numerics import gptq as gptq_lib
 from jaxquant.numerics import scaling as scaling_lib
+from jaxquant.numerics.fake_quant import lsq, lsq_init_scale, ste
+from jaxquant.numerics.gptq import gptq
 from jaxquant.numerics.qarray import QArray, check_input
 from jaxquant.numerics.quantizer import FLOAT_PATTERN, Axis, Quantizer, get_quantizer
 from jaxquant.numerics.scaling import Scaling
@@ -394,7 +394,7 @@ class ScalarQuantizer(Quantizer):
         rest = w2.shape[1:]
         w2 = w2.reshape(w2.shape[0], -1)
         matrix_scaling = scaling if scaling.axis is None else dataclasses.replace(scaling, axis=0)
-        q2 = gptq_lib.gptq(
+        q2 = gptq(
             w2, hessian, dataclasses.replace(self, scaling=matrix_scaling), damp=damp, order=order
         )
         if x.ndim == 2 and k_axis == 0:
@@ -411,10 +411,10 @@ class ScalarQuantizer(Quantizer):
         F.check_rounding(self.rounding, key)
         scale = _learned_scale(learned, self.name)
         if scale is None:
-            return fake_quant_lib.ste(x, self.format, scaling, self.calibration, self.rounding, key)
+            return ste(x, self.format, scaling, self.calibration, self.rounding, key)
         if scaling.zero_point or scaling.split_sign or scaling.tensor_scale:
             raise ValueError(f"{self.name}: a learned scale needs a symmetric scaling.")
-        return fake_quant_lib.lsq(x, self.format, scaling, scale, self.rounding, key)
+        return lsq(x, self.format, scaling, scale, self.rounding, key)
 
     @property
     def learned_names(self) -> tuple[str, ...]:
@@ -430,7 +430,7 @@ class ScalarQuantizer(Quantizer):
             return {}
         x = check_input(x)
         scaling = self.scaling_for(x.ndim, axis)
-        return {"scale": fake_quant_lib.lsq_init_scale(x, self.format, scaling)}
+        return {"scale": lsq_init_scale(x, self.format, scaling)}
 
 
 def _learned_scale(learned: Mapping | None, name: str):

@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.vq import e8p as e8p_lib
-from jaxquant.vq import kmeans as kmeans_lib
 from jaxquant.vq import pyramid as pyramid_lib
 from jaxquant.vq import trellis as trellis_lib
+from jaxquant.vq.kmeans import assign, kmeans
 
 
 def words_to_bytes(words: jax.Array, widths: tuple[int, ...]) -> jax.Array:
@@ -201,10 +201,10 @@ class KMeans(VectorFormat):
                 f"{self.name}: {m} vectors cannot fit a codebook of {c} codewords; use fewer "
                 "index_bits or quantize a larger tensor (or fewer codebook_groups)."
             )
-        return kmeans_lib.kmeans(x, c, weights=weights, iters=self.iters, key=key)
+        return kmeans(x, c, weights=weights, iters=self.iters, key=key)
 
     def encode(self, x, codebook, weights=None):
-        idx = kmeans_lib.assign(x, codebook, weights)
+        idx = assign(x, codebook, weights)
         return words_to_bytes(idx[:, None], (self.code_bytes,))
 
     def decode(self, codes, codebook):

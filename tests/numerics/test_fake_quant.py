@@ -40,6 +40,31 @@ def test_ste_gradient_is_one_inside_the_range_and_zero_where_clipped():
     assert 0 < (~inside).mean() < 0.1  # the test does exercise clipping
 
 
+@pytest.mark.parametrize("name", sorted(jn.PRESETS))
+def test_ste_gradient_under_absmax_is_one_exactly_where_nothing_can_saturate(name):
+    """Absmax ranges with exact scales put every element inside the grid, so the clipped STE
+    passes every gradient (also where |x|/s rounds one ulp past the grid's end); rounded
+    scales (mxfp's e8m0, nvfp4's e4m3, bf16) can clip, and only clipped elements lose theirs."""
+    q = dataclasses.replace(jn.PRESETS[name], calibration="absmax")
+    if q.needs_key or q.learned_names:
+        pytest.skip("stochastic rounding and LSQ have their own gradient tests")
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_t(3, (256, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    g = np.asarray(jax.grad(lambda x: jnp.sum(w * jn.fake_quant(x, q)))(x))
+    scaling = q.scaling_for(2, None)
+    exact = scaling.scale_dtype == "float32" and not (scaling.tensor_scale or scaling.zero_point)
+    if exact:
+        np.testing.assert_array_equal(g, np.asarray(w))
+        return
+    passed = g != 0
+    np.testing.assert_array_equal(g[passed], np.asarray(w)[passed])
+    # a clipped element was pulled inward by more than rounding to a nearby grid point would:
+    # its dequantized value is the grid's end, smaller in magnitude than x
+    deq, xs = np.asarray(jn.quantize(x, q).dequantize()), np.asarray(x)
+    assert np.all(np.abs(deq[~passed]) < np.abs(xs[~passed]))
+
+
 def _lsq_reference_grads(x, s, w, qn, qp, block):
     """LSQ (Esser et al. 2019, Eq. 3) for per-column scales, float64 numpy."""
     v = x / s
