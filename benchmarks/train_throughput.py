@@ -1,6 +1,7 @@
 """Training throughput: QAT against float, and jaxquant's QAT against qwix 0.1.8.
 
-  python benchmarks/train_throughput.py [--rounds=5] [--steps=10] [--recipes=...] [--tiny]
+  python benchmarks/train_throughput.py [--rounds=5] [--steps=10] [--recipes=...]
+      [--module=model|block|attention|mlp] [--tiny]
 
 Two measurements in one run:
 
@@ -22,6 +23,9 @@ Recipes (the same float initial params for all):
                 act_qtype=int8)])``;
   jaxquant W8A8 the apply inside ``jaxquant.nn.intercept(QuantConfig(mode='qat', rules=(
                 QuantRule(..., weight=INT8, act=INT8),)))``, entered inside the jitted function;
+  jaxquant float the same intercept with a rule that quantizes nothing: the layers' QAT matmul
+                path in float (a 2-D matmul with a hand-written backward, ``matmul_2d``), so
+                that jaxquant W8A8 / jaxquant float is the cost of the quantization alone;
   qwix W4       ``QtRule(weight_qtype=int4)`` (weight-only);
   jaxquant W4   ``QuantRule(..., weight=INT4)`` (weight-only).
 Both libraries quantize exactly the 24 block projections (q, k, v, o, up, down of 4 blocks);
@@ -59,11 +63,19 @@ except ImportError:  # pragma: no cover - optional comparison
 
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Round-robin rounds.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per recipe per round.")
+_MODULE = flags.DEFINE_enum(
+    "module",
+    "model",
+    ["model", "block", "attention", "mlp"],
+    "What one step times: 'model' = the whole model's AdamW train step; 'block', 'attention' or "
+    "'mlp' = the gradient of one such module (w.r.t. its params and input) on [16, 128, 256] "
+    "activations, with less noise from the parts both libraries leave in float.",
+)
 _TINY = flags.DEFINE_bool("tiny", False, "Also time shakespeare_tiny's Trainer recipes.")
 _TINY_STEPS = flags.DEFINE_integer("tiny_steps", 60, "Timed Trainer steps per tiny recipe.")
 _RECIPES = flags.DEFINE_list(
     "recipes",
-    ["float", "qwix_w8a8", "jaxquant_w8a8", "qwix_w4", "jaxquant_w4"],
+    ["float", "jaxquant_float", "qwix_w8a8", "jaxquant_w8a8", "qwix_w4", "jaxquant_w4"],
     "Recipes to time (float is always timed first as the reference).",
 )
 
@@ -73,6 +85,7 @@ BATCH, SEQ = 16, 128
 QUANT_PATH = r"blocks_\d+/(attn/(q|k|v|o)|mlp/(up|down))"
 NAMES = {
     "float": "float",
+    "jaxquant_float": "jaxquant, rule with no formats (float, jaxquant's matmul path)",
     "qwix_w8a8": "qwix W8A8 (int8 w per-channel, int8 act per-token)",
     "jaxquant_w8a8": "jaxquant W8A8 (INT8 w per-channel, INT8 act per-token)",
     "qwix_w4": "qwix W4 (int4 w per-channel, weight-only)",
@@ -121,13 +134,23 @@ class Model(nn.Module):
         return nn.Dense(VOCAB, name="head")(nn.RMSNorm(name="norm_out")(x))
 
 
-def jaxquant_config(weight, act) -> QuantConfig:
-    return QuantConfig(mode="qat", rules=(QuantRule(QUANT_PATH, weight=weight, act=act),))
+# --module -> (the module, the regex of its quantized Dense layers in both libraries).
+MODULES = {
+    "model": (Model, QUANT_PATH),
+    "block": (Block, r"(attn/(q|k|v|o)|mlp/(up|down))"),
+    "attention": (Attention, r"(q|k|v|o)"),
+    "mlp": (Mlp, r"(up|down)"),
+}
 
 
-def make_apply(recipe: str):
-    """``apply(params, tokens) -> logits`` for a recipe, or None when qwix is missing."""
-    model = Model()
+def jaxquant_config(weight, act, path: str = QUANT_PATH) -> QuantConfig:
+    return QuantConfig(mode="qat", rules=(QuantRule(path, weight=weight, act=act),))
+
+
+def make_apply(recipe: str, module: str = "model"):
+    """``apply(params, inputs) -> outputs`` for a recipe, or None when qwix is missing."""
+    module_cls, path = MODULES[module]
+    model = module_cls()
     if recipe == "float":
         return model.apply
     if recipe.startswith("qwix"):
@@ -135,11 +158,12 @@ def make_apply(recipe: str):
             return None
         act = jnp.int8 if recipe == "qwix_w8a8" else None
         weight = jnp.int8 if recipe == "qwix_w8a8" else jnp.int4
-        rule = qwix.QtRule(module_path=QUANT_PATH, weight_qtype=weight, act_qtype=act)
+        rule = qwix.QtRule(module_path=path, weight_qtype=weight, act_qtype=act)
         return qwix.quantize_model(model, qwix.QtProvider([rule])).apply
     config = {
-        "jaxquant_w8a8": jaxquant_config(INT8, INT8),
-        "jaxquant_w4": jaxquant_config(INT4, None),
+        "jaxquant_float": jaxquant_config(None, None, path),
+        "jaxquant_w8a8": jaxquant_config(INT8, INT8, path),
+        "jaxquant_w4": jaxquant_config(INT4, None, path),
     }[recipe]
 
     def apply(params, tokens):
@@ -165,6 +189,22 @@ def make_step(apply, optimizer):
     return step
 
 
+def make_module_step(apply):
+    """The jitted gradient of ``sum(module(x)²)`` w.r.t. the module's params and its input."""
+
+    def loss_fn(params, x):
+        return jnp.sum(apply({"params": params}, x) ** 2)
+
+    grad = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))
+
+    def step(state, x):
+        params, _ = state
+        grads = grad(params, x)
+        return state, grads[1][0, 0, 0]
+
+    return step
+
+
 def init_params():
     tokens = jnp.zeros((BATCH, SEQ), jnp.int32)
     return Model().init(jax.random.key(0), tokens)["params"]
@@ -183,20 +223,28 @@ def main(argv):
     else:
         print(f"qwix {qwix.__version__}")
     optimizer = optax.adamw(1e-3)
-    params = init_params()
-    tokens = batch()
+    module = _MODULE.value
+    if module == "model":
+        params, tokens = init_params(), batch()
+    else:
+        tokens = jax.random.normal(jax.random.key(1), (BATCH, SEQ, D_MODEL), jnp.float32)
+        params = MODULES[module][0]().init(jax.random.key(0), tokens)["params"]
     runs = {}
     for r in recipes:
-        apply = make_apply(r)
+        apply = make_apply(r, module)
         if apply is None:
             continue
         p = jax.tree.map(jnp.copy, params)
-        state = (p, optimizer.init(p))
-        step = make_step(apply, optimizer)
+        if module == "model":
+            state, step = (p, optimizer.init(p)), make_step(apply, optimizer)
+        else:
+            state, step = (p, None), make_module_step(apply)
         t0 = time.perf_counter()
         state, loss = step(state, tokens)
         jax.block_until_ready(loss)
-        print(f"{r}: compile + first step {time.perf_counter() - t0:.1f} s, loss {float(loss):.4f}")
+        label = "loss" if module == "model" else "dx[0, 0, 0]"
+        seconds = time.perf_counter() - t0
+        print(f"{r}: compile + first step {seconds:.1f} s, {label} {float(loss):.4f}")
         runs[r] = [step, state, []]
     for _ in range(_ROUNDS.value):
         for run in runs.values():
@@ -208,7 +256,7 @@ def main(argv):
             times.append(1e3 * (time.perf_counter() - t0) / _STEPS.value)
             run[1] = state
     base = statistics.median(runs["float"][2])
-    print(f"\n{_ROUNDS.value} rounds x {_STEPS.value} steps, median ms/step")
+    print(f"\n{module}: {_ROUNDS.value} rounds x {_STEPS.value} steps, median ms/step")
     print("| recipe | ms/step | min..max | vs float |")
     print("|---|---:|---:|---:|")
     for r, (_, _, times) in runs.items():
