@@ -17,7 +17,6 @@ Hessian-aware VQ all start from its result.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +30,7 @@ class DampedHessian:
     """A Hessian made positive definite, and GPTQ's factor of it.
 
     Attributes:
-      matrix: f32 ``[K, K]``, dead inputs set to 1 on the diagonal, ``damping`` added to it.
+      revived: f32 ``[K, K]``, the Hessian with dead inputs set to 1 on the diagonal.
       dead: bool ``[K]``, the inputs with a zero diagonal in the original Hessian.
       damping: the absolute amount ``λ`` added to the diagonal.
       inverse_factor: f32 ``[K, K]``, ``U`` upper triangular with ``P⁻¹ = Uᵀ U`` for
@@ -39,10 +38,16 @@ class DampedHessian:
         order by default).
     """
 
-    matrix: jax.Array
+    revived: jax.Array
     dead: jax.Array
     damping: float
     inverse_factor: jax.Array
+
+    @property
+    def matrix(self) -> jax.Array:
+        """f32 ``[K, K]``: ``revived`` with ``damping`` added to the diagonal (computed on
+        use: GPTQ needs only the factor)."""
+        return _add_diagonal(self.revived, jnp.float32(self.damping))
 
 
 def check_hessian(hessian, k: int, name: str = "hessian") -> jax.Array:
@@ -56,31 +61,34 @@ def check_hessian(hessian, k: int, name: str = "hessian") -> jax.Array:
     return h
 
 
-@functools.partial(jax.jit, static_argnames=("max_tries",))
-def _damp(h, damp, order, *, max_tries):
+@jax.jit
+def _revive(h):
+    """Dead inputs (zero diagonal) set to 1 on the diagonal; the mean of the new diagonal."""
     dead = jnp.diag(h) == 0
     h = h + jnp.diag(dead.astype(h.dtype))
-    mean_diag = jnp.mean(jnp.diag(h))
+    return h, dead, jnp.mean(jnp.diag(h))
+
+
+@jax.jit
+def _reversed_cholesky(h, lam, order):
+    """The lower Cholesky factor of ``J (P + λI) J`` for ``P = h[order][:, order]`` (NaN where
+    ``P + λI`` is not positive definite in float32), and whether it is finite."""
+    hp = h if order is None else h[order][:, order]
     eye = jnp.eye(h.shape[0], dtype=h.dtype)
-    hp = h[order][:, order]
+    m = jnp.linalg.cholesky((hp + lam * eye)[::-1, ::-1])
+    return m, jnp.all(jnp.isfinite(m))
 
-    # The Cholesky factor that tests positive definiteness is the one GPTQ needs (of the
-    # reversed, reordered matrix): one factorization per try, none repeated.
-    def attempt(state):
-        i, _, _, _ = state
-        lam = damp * 10.0 ** i.astype(jnp.float32) * mean_diag
-        m = jnp.linalg.cholesky((hp + lam * eye)[::-1, ::-1])
-        return i + 1, jnp.all(jnp.isfinite(m)), lam, m
 
-    def failed(state):
-        i, ok, _, _ = state
-        return (~ok) & (i < max_tries)
+@jax.jit
+def _inverse_factor(m):
+    """``U = J M⁻¹ J`` from the reversed Cholesky factor ``M`` (``damp_hessian``)."""
+    eye = jnp.eye(m.shape[0], dtype=m.dtype)
+    return jax.scipy.linalg.solve_triangular(m, eye, lower=True)[::-1, ::-1]
 
-    init = (jnp.zeros((), jnp.int32), jnp.zeros((), bool), jnp.zeros((), jnp.float32), eye)
-    _, ok, lam, m = jax.lax.while_loop(failed, attempt, init)
-    m = jnp.where(ok, m, eye)  # keep the triangular solve finite; the caller raises
-    u = jax.scipy.linalg.solve_triangular(m, eye, lower=True)[::-1, ::-1]
-    return h + lam * eye, dead, lam, ok, u
+
+@jax.jit
+def _add_diagonal(h, lam):
+    return h + lam * jnp.eye(h.shape[0], dtype=h.dtype)
 
 
 def damp_hessian(
@@ -115,14 +123,24 @@ def damp_hessian(
         raise ValueError(f"damp={damp!r}: expected a number >= 0.")
     h = jnp.asarray(hessian, jnp.float32)
     k = h.shape[0]
-    order = jnp.arange(k, dtype=jnp.int32) if order is None else jnp.asarray(order, jnp.int32)
-    matrix, dead, lam, ok, u = _damp(h, jnp.float32(damp), order, max_tries=max_tries)
-    if not bool(ok):
-        raise ValueError(
-            f"hessian: not positive definite even with damping {float(lam):.3g} ({damp} x "
-            f"10^{max_tries - 1} x mean diagonal); check the calibration data."
-        )
-    return DampedHessian(matrix, dead, float(lam), u)
+    if order is not None:
+        if isinstance(order, np.ndarray) and np.array_equal(order, np.arange(k)):
+            order = None  # the input order: no [K, K] gather
+        else:
+            order = jnp.asarray(order, jnp.int32)
+    h, dead, mean_diag = _revive(h)
+    # The Cholesky factor that tests positive definiteness is the one GPTQ needs (of the
+    # reversed, reordered matrix): one factorization per try, none repeated. The retries run
+    # from Python (the common case is one try; a traced loop would copy [K, K] state).
+    for i in range(max_tries):
+        lam = jnp.float32(damp * 10.0**i) * mean_diag
+        m, ok = _reversed_cholesky(h, lam, order)
+        if bool(ok):
+            return DampedHessian(h, dead, float(lam), _inverse_factor(m))
+    raise ValueError(
+        f"hessian: not positive definite even with damping {float(lam):.3g} ({damp} x "
+        f"10^{max_tries - 1} x mean diagonal); check the calibration data."
+    )
 
 
 def layer_error(w, w_hat, hessian) -> jax.Array:

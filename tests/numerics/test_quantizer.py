@@ -239,6 +239,27 @@ def test_damp_hessian_marks_dead_inputs_and_rejects_indefinite_matrices():
         jn.damp_hessian(saddle, 0.01)
 
 
+@pytest.mark.parametrize("order", [None, "reversed"])
+def test_damp_hessian_grows_the_damping_tenfold_until_positive_definite(order):
+    """An eigenvalue of -0.5 (mean diagonal 1): damping 0.01 and 0.1 leave it negative, 1.0
+    lifts it; the inverse factor is that of the reordered damped matrix (numpy reference)."""
+    rng = np.random.default_rng(7)
+    q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    eig = np.array([-0.5, 0.4, 0.9, 1.3, 1.6, 2.3])  # mean 1.0 = mean diagonal
+    h = (q * eig) @ q.T
+    perm = None if order is None else np.arange(6)[::-1].copy()
+    damped = jn.damp_hessian(jnp.asarray(h, jnp.float32), 0.01, order=perm)
+    lam = 0.01 * 100 * np.mean(np.diag(h))
+    assert damped.damping == pytest.approx(lam, rel=1e-5)
+    np.testing.assert_allclose(np.asarray(damped.matrix), h + lam * np.eye(6), atol=1e-5)
+    p = np.arange(6) if perm is None else perm
+    hp = (h + lam * np.eye(6))[p][:, p]
+    u = np.asarray(damped.inverse_factor, np.float64)
+    assert np.allclose(u, np.triu(u), atol=0)  # upper triangular
+    # U^T U = P^-1, to float32 factorization accuracy (condition number of P: 3.3 / 0.5)
+    np.testing.assert_allclose(u.T @ u, np.linalg.inv(hp), atol=1e-4)
+
+
 def test_quantize_and_fake_quant_take_a_bare_format_as_one_scale_per_tensor():
     w = jnp.asarray(np.random.default_rng(6).standard_normal((32, 8)), jnp.float32)
     q = jn.quantize(w, F.E4M3)
