@@ -121,13 +121,18 @@ def damp_hessian(
     """
     if not (isinstance(damp, (int, float, np.floating)) and damp >= 0):
         raise ValueError(f"damp={damp!r}: expected a number >= 0.")
+    if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
+        raise ValueError(f"max_tries={max_tries!r}: expected an int >= 1.")
     h = jnp.asarray(hessian, jnp.float32)
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"hessian: expected a square [K, K] matrix, got shape {h.shape}.")
     k = h.shape[0]
     if order is not None:
-        if isinstance(order, np.ndarray) and np.array_equal(order, np.arange(k)):
-            order = None  # the input order: no [K, K] gather
-        else:
-            order = jnp.asarray(order, jnp.int32)
+        order = np.asarray(order)
+        if order.shape != (k,) or not np.array_equal(np.sort(order), np.arange(k)):
+            raise ValueError(f"order: expected a permutation of range({k}), got {order!r}.")
+        # the input order needs no [K, K] gather
+        order = None if np.array_equal(order, np.arange(k)) else jnp.asarray(order, jnp.int32)
     h, dead, mean_diag = _revive(h)
     # The Cholesky factor that tests positive definiteness is the one GPTQ needs (of the
     # reversed, reordered matrix): one factorization per try, none repeated. The retries run

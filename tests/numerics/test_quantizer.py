@@ -260,6 +260,20 @@ def test_damp_hessian_grows_the_damping_tenfold_until_positive_definite(order):
     np.testing.assert_allclose(u.T @ u, np.linalg.inv(hp), atol=1e-4)
 
 
+def test_damp_hessian_rejects_bad_arguments_by_name():
+    h = jnp.eye(4, dtype=jnp.float32)
+    for kwargs, match in [
+        (dict(order=[0, 1, 1, 3]), "order: expected a permutation of range\\(4\\)"),
+        (dict(order=[0, 1, 2]), "order: expected a permutation"),
+        (dict(max_tries=0), "max_tries=0"),
+        (dict(damp=-1.0), "damp=-1.0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            jn.damp_hessian(h, **{"damp": 0.01, **kwargs})
+    with pytest.raises(ValueError, match="square"):
+        jn.damp_hessian(jnp.ones((4, 3)), 0.01)
+
+
 def test_quantize_and_fake_quant_take_a_bare_format_as_one_scale_per_tensor():
     w = jnp.asarray(np.random.default_rng(6).standard_normal((32, 8)), jnp.float32)
     q = jn.quantize(w, F.E4M3)
