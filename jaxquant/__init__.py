@@ -12,6 +12,7 @@ packages hold the rest: ``jaxquant.numerics``, ``vq``, ``nn``, ``optim``, ``mode
 
 from jaxquant import nn, numerics, optim, ptq, vq
 from jaxquant.nn import (
+    QConv,
     QDense,
     QDenseGeneral,
     QEinsum,
@@ -19,6 +20,7 @@ from jaxquant.nn import (
     QuantConfig,
     QuantReport,
     QuantRule,
+    apply_with_config,
     freeze,
     intercept,
     serving_params,
@@ -119,6 +121,7 @@ __all__ = [
     "LookupFormat",
     "PyramidVQ",
     "QArray",
+    "QConv",
     "QDense",
     "QDenseGeneral",
     "QEinsum",
@@ -138,6 +141,7 @@ __all__ = [
     "adamw",
     "bytes_per_param",
     "fake_quant",
+    "apply_with_config",
     "freeze",
     "get_quantizer",
     "gptq",

@@ -15,7 +15,7 @@ from jaxquant.nn.freeze import (
     serving_params,
 )
 from jaxquant.nn.intercept import apply_with_config, has_quant_field, intercept
-from jaxquant.nn.layers import QDense, QDenseGeneral, QEinsum, QEmbed, QuantizedLayer
+from jaxquant.nn.layers import QConv, QDense, QDenseGeneral, QEinsum, QEmbed, QuantizedLayer
 from jaxquant.nn.ops import LayerInfo
 from jaxquant.nn.rules import MODES, ROLES, QuantConfig, QuantRule
 
@@ -23,6 +23,7 @@ __all__ = [
     "MODES",
     "ROLES",
     "LayerInfo",
+    "QConv",
     "QDense",
     "QDenseGeneral",
     "QEinsum",

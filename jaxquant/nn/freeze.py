@@ -42,7 +42,7 @@ def layer_infos(model: nn.Module, params, *args, rules=(), **kwargs) -> tuple[op
     config = QuantConfig(rules=tuple(rules))
 
     def run(params):
-        apply_with_config(model, config, {"params": params}, *args, **kwargs)
+        apply_with_config(model, config, {"params": params}, *args, check_rules=False, **kwargs)
 
     with ops.record_layers() as recorded:
         jax.eval_shape(run, nn.unbox(params))
@@ -128,6 +128,7 @@ class QuantReport:
 
     weights: tuple[WeightReport, ...]
     unmatched_rules: tuple[QuantRule, ...]
+    float_heads: tuple[str, ...]  # head weights a rule would match but for their role
     float_params: int  # parameters left in float
     float_bytes: int
     quant_params: int  # parameters stored quantized
@@ -162,6 +163,8 @@ class QuantReport:
             f"{self.model_bytes:,} bytes, {self.bits_per_weight:.3f} bits/param; "
             f"{self.seconds:.1f} s"
         )
+        for path in self.float_heads:
+            lines.append(f"head kept in float: {path} (a rule with roles=('head',) quantizes it)")
         for rule in self.unmatched_rules:
             lines.append(f"rule matched nothing: QuantRule({rule.path!r})")
         return "\n".join(lines)
@@ -263,9 +266,17 @@ def make_report(rows, infos, rules, flat_params, flat_quant, *, seconds: float) 
     """The ``QuantReport`` of ``flat_quant`` (path -> quantized tensor) replacing params."""
     used = {info.rule for info in infos if info.rule is not None}
     float_leaves = [v for k, v in flat_params.items() if k not in flat_quant]
+    heads = tuple(
+        info.param_path
+        for info in infos
+        if info.role == "head"
+        and info.param_path not in flat_quant
+        and any(r.weight is not None and r.matches(info.path, "linear") for r in rules)
+    )
     return QuantReport(
         weights=tuple(rows),
         unmatched_rules=tuple(r for i, r in enumerate(rules) if i not in used),
+        float_heads=heads,
         float_params=sum(math.prod(v.shape) for v in float_leaves),
         float_bytes=sum(_nbytes(v) for v in float_leaves),
         quant_params=sum(q.size for q in flat_quant.values()),

@@ -1,4 +1,4 @@
-"""QDense, QDenseGeneral, QEinsum, QEmbed: Flax Linen layers with a quantization config.
+"""QDense, QDenseGeneral, QEinsum, QConv, QEmbed: Flax Linen layers with a quantization config.
 
 Each subclasses the Linen layer of the same name, so arguments, param names, shapes and
 initializers are Flax's own (a float checkpoint loads as is), and adds two fields:
@@ -10,9 +10,10 @@ initializers are Flax's own (a float checkpoint loads as is), and adds two field
 Flax's own ``__call__`` runs in float and calibrate modes and creates every param at
 initialization. The one override, ``QuantizedLayer.__call__``, hands quantized modes to
 ``ops.quantized_call`` with the layer's ``Contraction``: which weight it multiplies with its
-input, along which axes, and how (``dense_contraction``, ``einsum_contraction``). The same
-contractions serve plain ``nn.Dense``/``nn.DenseGeneral``/``nn.Einsum`` layers under
-``intercept``.
+input, along which axes, and how (``dense_contraction``, ``einsum_contraction``,
+``conv_contraction``). The same
+contractions serve plain ``nn.Dense``/``nn.DenseGeneral``/``nn.Einsum``/``nn.Conv`` layers
+under ``intercept`` (``contraction_of``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.linear import canonicalize_padding
 from jax import lax
 
 from jaxquant.nn import ops
@@ -250,12 +252,141 @@ def _is_matmul(lhs: str, rhs: str, out: str, contracted) -> bool:
     return out == a + f and not set(a.replace(".", "")) & set(f)
 
 
+def _conv_geometry(module, inputs):
+    """Flax's ``nn.Conv`` input handling: (kernel_size, strides, input dilation, kernel
+    dilation, lax padding, ``prepare``: inputs -> the padded ``[N, *spatial, C]`` array the
+    convolution reads, ``restore``: output -> the input's batch shape)."""
+    kernel_size = _tuple(module.kernel_size)
+    n = len(kernel_size)
+
+    def broadcast(v):
+        v = 1 if v is None else v
+        return (v,) * n if isinstance(v, int) else tuple(v)
+
+    strides = broadcast(module.strides)
+    input_dilation = broadcast(module.input_dilation)
+    kernel_dilation = broadcast(module.kernel_dilation)
+    num_batch = inputs.ndim - (n + 1)
+    batch_shape = inputs.shape[:num_batch]
+    padding = canonicalize_padding(module.padding, n)
+    pads = None
+    if padding in ("CIRCULAR", "REFLECT"):
+        dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation, strict=True)]
+        pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
+        mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
+        padding = "VALID"
+    elif padding == "CAUSAL":
+        if n != 1:
+            raise ValueError("Causal padding is only implemented for 1D convolutions.")
+        pads, mode = [(0, 0), (kernel_dilation[0] * (kernel_size[0] - 1), 0), (0, 0)], "constant"
+        padding = "VALID"
+
+    def prepare(x):
+        if num_batch != 1:
+            x = x.reshape((-1,) + x.shape[num_batch:])
+        return x if pads is None else jnp.pad(x, pads, mode=mode)
+
+    def restore(y):
+        return y if num_batch == 1 else y.reshape(batch_shape + y.shape[1:])
+
+    return kernel_size, strides, input_dilation, kernel_dilation, padding, prepare, restore
+
+
+def conv_contraction(module, args, kwargs) -> ops.Contraction:
+    """The convolution of ``nn.Conv`` (shared weights; any padding, stride, dilation and
+    feature grouping Flax takes): the kernel ``[*window, C_in / groups, C_out]`` contracts its
+    window and input features, so its view is ``[window * C_in / groups, C_out]`` and the
+    Hessian's samples are the input's patches (``lax.conv_general_dilated_patches``, reordered
+    to the kernel's window-major order). A grouped convolution has no single input Hessian
+    (each group reads other channels): it is quantized like a batched contraction. A frozen
+    kernel is dequantized, then convolved."""
+    (inputs,) = args
+    if kwargs:
+        raise TypeError(f"{type(module).__name__}: unexpected keyword arguments {sorted(kwargs)}.")
+    if module.mask is not None:
+        raise ValueError(
+            f"{type(module).__name__} with a mask: jaxquant does not quantize masked "
+            "convolutions; leave this layer out of the rules."
+        )
+    size, strides, in_dil, k_dil, padding, prepare, restore = _conv_geometry(module, inputs)
+    groups = module.feature_group_count
+    in_features = inputs.shape[-1]
+    if in_features % groups:
+        raise ValueError(
+            f"{type(module).__name__}: {in_features} input features do not split into "
+            f"feature_group_count={groups} groups."
+        )
+    kernel_shape = size + (in_features // groups, module.features)
+    n = len(size)
+
+    def convolve(x, w):
+        x = prepare(x)
+        return lax.conv_general_dilated(
+            x,
+            w,
+            strides,
+            padding,
+            lhs_dilation=in_dil,
+            rhs_dilation=k_dil,
+            dimension_numbers=_conv_dimension_numbers(x.shape),
+            feature_group_count=groups,
+            precision=module.precision,
+        )
+
+    def apply(x, w):
+        if is_quantized(w):
+            w = w.dequantize(module.param_dtype).reshape(kernel_shape)
+        x, w, bias = module.promote_dtype(x, w, _bias(module), dtype=module.dtype)
+        y = convolve(x, w)
+        if bias is not None:
+            y = y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
+        return restore(y)
+
+    def rows(x):
+        x = prepare(x)
+        patches = lax.conv_general_dilated_patches(
+            x,
+            size,
+            strides,
+            padding,
+            lhs_dilation=in_dil,
+            rhs_dilation=k_dil,
+            dimension_numbers=_conv_dimension_numbers(x.shape),
+        )  # [N, *out, C * window], channel-major
+        patches = patches.reshape((-1, in_features, math.prod(size)))
+        return jnp.swapaxes(patches, 1, 2).reshape(-1, math.prod(size) * in_features)
+
+    return ops.Contraction(
+        inputs=inputs,
+        weight="kernel",
+        shape=kernel_shape,
+        weight_axes=tuple(range(n + 1)),
+        input_axes=(inputs.ndim - 1,),
+        batched=groups > 1,
+        apply=apply,
+        rows=rows,
+    )
+
+
+def _conv_dimension_numbers(shape) -> lax.ConvDimensionNumbers:
+    """Channels-last input and output, kernel ``[*window, C_in, C_out]`` (Flax's layout)."""
+    ndim = len(shape)
+    spatial = tuple(range(1, ndim - 1))
+    return lax.ConvDimensionNumbers(
+        (0, ndim - 1) + spatial,
+        (ndim - 1, ndim - 2) + tuple(range(ndim - 2)),
+        (0, ndim - 1) + spatial,
+    )
+
+
 def contraction_of(module):
     """The contraction function of a Flax layer type jaxquant quantizes, or None."""
     if isinstance(module, (nn.Dense, nn.DenseGeneral)):
         return dense_contraction
     if isinstance(module, nn.Einsum):
         return einsum_contraction
+    if isinstance(module, nn.Conv):
+        return conv_contraction
     return None
 
 
@@ -283,6 +414,11 @@ class QDenseGeneral(QuantizedLayer, nn.DenseGeneral):
 
 class QEinsum(QuantizedLayer, nn.Einsum):
     """``nn.Einsum`` with a quantization config (see the module docstring)."""
+
+
+class QConv(QuantizedLayer, nn.Conv):
+    """``nn.Conv`` with a quantization config (see the module docstring and
+    ``conv_contraction``)."""
 
 
 class QEmbed(nn.Embed):

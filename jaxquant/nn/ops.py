@@ -84,6 +84,9 @@ class Contraction:
       batched: whether the matmul has batch axes (no single input Hessian then).
       apply: ``(inputs, weight) -> output``: the layer's contraction and bias, for a float
         weight of ``shape`` or a frozen ``QuantizedTensor`` (of ``shape`` or its view).
+      rows: ``inputs -> [tokens, K]``: the samples of the contracted input the weight's view
+        multiplies, in the order of its merged contracted axes (a convolution's patches); None:
+        ``input_axes`` moved last and flattened (``contracted_rows``).
     """
 
     inputs: jax.Array
@@ -93,6 +96,18 @@ class Contraction:
     input_axes: tuple[int, ...]
     batched: bool
     apply: Callable[[jax.Array, Any], jax.Array]
+    rows: Callable[[jax.Array], jax.Array] | None = None
+
+    def input_rows(self, x: jax.Array) -> jax.Array:
+        """``x``'s contracted samples as ``[tokens, K]`` (what the Hessian sums over)."""
+        return contracted_rows(x, self.input_axes) if self.rows is None else self.rows(x)
+
+
+def contracted_rows(x: jax.Array, axes) -> jax.Array:
+    """``x`` with ``axes`` moved last (in that order) and flattened: ``[tokens, K]``."""
+    rest = [a for a in range(x.ndim) if a not in axes]
+    k = math.prod(x.shape[a] for a in axes)
+    return jnp.transpose(x, rest + list(axes)).reshape(-1, k)
 
 
 _RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar(
@@ -109,6 +124,50 @@ def record_layers():
         yield infos
     finally:
         _RECORDER.reset(token)
+
+
+@contextlib.contextmanager
+def pause_recording():
+    """No ``LayerInfo`` is recorded inside the block (a structural probe of the model)."""
+    token = _RECORDER.set(None)
+    try:
+        yield
+    finally:
+        _RECORDER.reset(token)
+
+
+@dataclasses.dataclass
+class ModelTrace:
+    """One application of a whole model under ``intercept`` (``intercept.py`` opens it).
+
+    Attributes:
+      head: the path of the plain Flax layer taken as the model's output head (role
+        ``'head'``), or None.
+      matched: indices of the config's rules that matched a layer in this application.
+    """
+
+    head: str | None = None
+    matched: set[int] = dataclasses.field(default_factory=set)
+
+
+_TRACE: contextvars.ContextVar[ModelTrace | None] = contextvars.ContextVar(
+    "jaxquant_model_trace", default=None
+)
+
+
+def current_trace() -> ModelTrace | None:
+    """The ``ModelTrace`` of the model application being traced, or None."""
+    return _TRACE.get()
+
+
+@contextlib.contextmanager
+def model_trace(trace: ModelTrace):
+    """Makes ``trace`` the current one inside the block."""
+    token = _TRACE.set(trace)
+    try:
+        yield trace
+    finally:
+        _TRACE.reset(token)
 
 
 def weight_view(shape, contracting) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -160,6 +219,9 @@ def layer_weight(
     index = config.match_index(path, role)
     rule = None if index is None else config.rules[index]
     view_shape, view_axes = weight_view(shape, axes)
+    trace = _TRACE.get()
+    if trace is not None and index is not None:
+        trace.matched.add(index)
     recorder = _RECORDER.get()
     if recorder is not None:
         recorder.append(
@@ -172,6 +234,9 @@ def layer_weight(
                 f"serve: frozen {name!r} of {path} has shape {q.shape}, the layer needs "
                 f"{view_shape} (its weight {tuple(shape)} with contracted axes merged)."
             )
+        if config.rules:
+            axis = view_axes if tuple(q.shape) == view_shape else tuple(axes)
+            check_frozen(q, rule, index, f"{path}/{name}", axis)
         return q, rule
     if config.mode == "serve" and rule is not None and rule.weight is not None:
         raise ValueError(
@@ -193,6 +258,25 @@ def layer_weight(
     return rule.weight.fake_quant(wv, axis=view_axes, learned=learned).reshape(shape), rule
 
 
+def check_frozen(q, rule, index: int | None, param_path: str, axis) -> None:
+    """Raises unless the serving ``rule`` quantizes a weight into ``q``'s layout (the rules
+    frozen with and the rules served with agree; serving with no rules takes 'quant' as is)."""
+    if rule is None or rule.weight is None:
+        why = "no serving rule matches it" if rule is None else f"rule {index} has weight=None"
+        raise ValueError(
+            f"serve: 'quant' holds a frozen {param_path!r}, but {why}: serve with the rules it "
+            "was frozen with (or with rules=() to serve whatever 'quant' holds)."
+        )
+    expected = jax.eval_shape(lambda: rule.weight.quantize(jnp.zeros(q.shape, q.dtype), axis=axis))
+    if jax.tree.structure(expected) != jax.tree.structure(q):
+        raise ValueError(
+            f"serve: the frozen {param_path!r} is not what rule {index} "
+            f"(QuantRule({rule.path!r}), {rule.weight.name}) makes: frozen with other rules? "
+            "Serve with the rules it was frozen with (or with rules=() to serve whatever "
+            "'quant' holds)."
+        )
+
+
 def _learned(module, quantizer: Quantizer, prefix: str, x, axis) -> dict:
     """The quantizer's learned params of ``x``, as ``'params'/<prefix>_<name>``."""
     out = {}
@@ -202,18 +286,17 @@ def _learned(module, quantizer: Quantizer, prefix: str, x, axis) -> dict:
     return out
 
 
-def record_input_stats(module, x, axes, batched: bool) -> None:
-    """Accumulates ``sum x xᵀ``, the row count and absmax of the contracted input in 'qstats'
-    (the Hessian rows flatten the contracted axes in the order of ``axes``)."""
+def record_input_stats(module, c: Contraction) -> None:
+    """Accumulates ``sum x xᵀ`` over the contraction's input rows (``Contraction.input_rows``),
+    the row count and the input's absmax in 'qstats'."""
     _need_mutable(module, "qstats", "calibrate")
-    x = lax.stop_gradient(x).astype(jnp.float32)
+    x = lax.stop_gradient(c.inputs).astype(jnp.float32)
     absmax = module.variable("qstats", "absmax", lambda: jnp.zeros((), jnp.float32))
     absmax.value = jnp.maximum(absmax.value, jnp.max(jnp.abs(x)))
-    if batched:  # a batched contraction (attention-like): no single input Hessian
+    if c.batched:  # a batched contraction (attention-like): no single input Hessian
         return
-    rest = [a for a in range(x.ndim) if a not in axes]
-    k = math.prod(x.shape[a] for a in axes)
-    rows = jnp.transpose(x, rest + list(axes)).reshape(-1, k)  # [tokens, K]
+    rows = c.input_rows(x)  # [tokens, K]
+    k = rows.shape[1]
     hessian = module.variable("qstats", "hessian", lambda: jnp.zeros((k, k), jnp.float32))
     count = module.variable("qstats", "count", lambda: jnp.zeros((), jnp.float32))
     hessian.value = hessian.value + rows.T @ rows
@@ -270,7 +353,7 @@ def quantized_call(
     )
     if config.mode in ("float", "calibrate"):
         if config.mode == "calibrate" and (rule is not None or not config.rules):
-            record_input_stats(module, c.inputs, c.input_axes, c.batched)
+            record_input_stats(module, c)
         return flax_call(*args, **kwargs)
     if rule is None and not is_quantized(weight):
         return flax_call(*args, **kwargs)

@@ -43,6 +43,7 @@ from jaxquant.nn import (
     quantize_weight,
 )
 from jaxquant.nn.freeze import learned_params, make_report, rules_of, weight_report
+from jaxquant.nn.intercept import probing
 from jaxquant.nn.rules import layer_path
 from jaxquant.numerics import layer_error
 
@@ -58,7 +59,7 @@ def _discover(model, params, args, block_regex: str):
     mismatched: list[str] = []
 
     def recorder(next_fun, a, kw, ctx):
-        if ctx.method_name != "__call__":
+        if ctx.method_name != "__call__" or probing():
             return next_fun(*a, **kw)
         path = layer_path(ctx.module)
         calls.append(path)
@@ -78,7 +79,9 @@ def _discover(model, params, args, block_regex: str):
 
     def run(params, args):
         with nn.intercept_methods(recorder):
-            return apply_with_config(model, QuantConfig(), {"params": params}, *args)
+            return apply_with_config(
+                model, QuantConfig(), {"params": params}, *args, check_rules=False
+            )
 
     jax.eval_shape(run, params, args)
     repeated = sorted({b for b in blocks if blocks.count(b) > 1})
@@ -178,7 +181,7 @@ def quantize_model(
             captured = {}
 
             def interceptor(next_fun, a, kw, ctx):
-                if ctx.method_name != "__call__":
+                if ctx.method_name != "__call__" or probing():
                     return next_fun(*a, **kw)
                 j = block_index.get(layer_path(ctx.module))
                 if j is None:
@@ -193,7 +196,12 @@ def quantize_model(
 
             with nn.intercept_methods(interceptor):
                 _, state = apply_with_config(
-                    model, config, {"params": params_q}, *args, mutable=["qstats"]
+                    model,
+                    config,
+                    {"params": params_q},
+                    *args,
+                    check_rules=False,
+                    mutable=["qstats"],
                 )
             flat = traverse_util.flatten_dict(nn.unbox(state.get("qstats", {})), sep="/")
             stats = {

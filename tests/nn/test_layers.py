@@ -231,7 +231,11 @@ def test_intercept_quantizes_a_model_written_with_plain_flax_layers():
     x = _x((4, 12))
     model = _Foreign()
     params = model.init(jax.random.key(0), x)["params"]
-    rules = (qn.QuantRule("fc1|merge", weight=jn.INT4), qn.QuantRule("split", weight=jn.INT8))
+    # merge, the last layer, is the model's head: the rule names that role to quantize it
+    rules = (
+        qn.QuantRule("fc1|merge", weight=jn.INT4, roles=("linear", "head")),
+        qn.QuantRule("split", weight=jn.INT8),
+    )
     qat_cfg = qn.QuantConfig(mode="qat", rules=rules)
 
     @jax.jit
@@ -379,7 +383,8 @@ def test_layer_infos_report_rule_view_and_contracted_axes_of_every_layer():
     assert qn.layer_infos(foreign, p, x, rules=rules) == (
         LI("fc1", "kernel", "linear", 1, (12, 32), (12, 32), (0,), True),
         LI("split", "kernel", "linear", 0, (32, 2, 8), (32, 2, 8), (0,), True),
-        LI("merge", "kernel", "linear", 1, (2, 8, 4), (16, 4), (0,), True),
+        # the last layer of a plain model is its head: rules skip it unless they name it
+        LI("merge", "kernel", "head", None, (2, 8, 4), (16, 4), (0,), True),
     )
 
 

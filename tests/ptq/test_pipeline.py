@@ -151,7 +151,8 @@ def test_foreign_model_with_prologue_and_epilogue_layers():
     model = _Foreign()
     x = jax.random.normal(jax.random.key(0), (64, 16))
     params = model.init(jax.random.key(1), x)["params"]
-    rules = (QuantRule(".*", weight=jn.INT3_G128.with_group_size(16)),)
+    # proj_out, the last layer, is the model's head: the rule names that role too
+    rules = (QuantRule(".*", weight=jn.INT3_G128.with_group_size(16), roles=("linear", "head")),)
     quant, report = quantize_model(model, params, [x[:32], x[32:]], rules, blocks=r"block\d")
     stages = {r.path: r.stage for r in report.weights}
     assert stages["proj_in/kernel"] == "prologue" and stages["proj_out/kernel"] == "epilogue"
