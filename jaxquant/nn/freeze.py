@@ -13,15 +13,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from flax.errors import ScopeParamShapeError
 
 from jaxquant.nn import ops
-from jaxquant.nn.intercept import apply_with_config, has_quant_field
+from jaxquant.nn.intercept import apply_with_config, find_stacklevel, has_quant_field
 from jaxquant.nn.rules import QuantConfig, QuantRule
 from jaxquant.numerics import Quantizer, is_quantized
 
@@ -45,7 +47,14 @@ def layer_infos(model: nn.Module, params, *args, rules=(), **kwargs) -> tuple[op
         apply_with_config(model, config, {"params": params}, *args, check_rules=False, **kwargs)
 
     with ops.record_layers() as recorded:
-        jax.eval_shape(run, nn.unbox(params))
+        try:
+            jax.eval_shape(run, nn.unbox(params))
+        except ScopeParamShapeError as e:
+            shapes = jax.tree.map(jnp.shape, (args, kwargs))
+            raise ValueError(
+                f"the sample/calibration input (shapes {shapes}) does not fit the params: "
+                f"{e}. Pass inputs shaped as in training."
+            ) from e
     infos: dict[str, ops.LayerInfo] = {}
     for info in recorded:
         seen = infos.setdefault(info.param_path, info)
@@ -88,16 +97,25 @@ def quantize_weight(
             "freeze does not quantize yet)."
         )
     try:
-        return quantizer.quantize(
-            w.reshape(info.view_shape),
-            axis=info.axis,
-            hessian=hessian,
-            learned=learned,
-            damp=damp,
-            order=order,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            q = quantizer.quantize(
+                w.reshape(info.view_shape),
+                axis=info.axis,
+                hessian=hessian,
+                learned=learned,
+                damp=damp,
+                order=order,
+            )
     except ValueError as e:
         raise ValueError(f"{info.param_path} ({quantizer.name}): {e}") from e
+    for warning in caught:  # said again, naming the weight
+        warnings.warn(
+            f"{info.param_path} ({quantizer.name}): {warning.message}",
+            warning.category,
+            stacklevel=find_stacklevel(),
+        )
+    return q
 
 
 @dataclasses.dataclass(frozen=True)

@@ -108,7 +108,8 @@ def gptq(
 ) -> QArray:
     """GPTQ: quantize ``w`` ``[in, out]`` minimizing ``tr((w − ŵ)ᵀ H (w − ŵ))`` row by row.
 
-    Follows the reference implementation: dead inputs (zero Hessian diagonal) get weight 0;
+    Follows the reference implementation, except that dead inputs (zero Hessian diagonal) keep
+    their weights, rounded to nearest, where the reference zeroes them (``hessian.py``);
     damping ``damp · mean(diag H)`` (``hessian.damp_hessian``: grown tenfold while the Cholesky
     fails); ``U`` the upper Cholesky factor of ``H⁻¹``; lazy updates in batches of
     ``lazy_batch`` rows; per-group scales computed when a group starts, from the weights as
@@ -163,7 +164,6 @@ def gptq(
     codes, (scale, zero, t) = _gptq_jit(
         w,
         damped.inverse_factor,
-        damped.dead,
         jnp.asarray(perm, jnp.int32),
         fmt=fmt,
         scaling=scaling,
@@ -187,12 +187,12 @@ def gptq(
 @functools.partial(
     jax.jit, static_argnames=("fmt", "scaling", "calibration", "block", "group", "dynamic")
 )
-def _gptq_jit(w, u, dead, perm, *, fmt, scaling, calibration, block, group, dynamic):
+def _gptq_jit(w, u, perm, *, fmt, scaling, calibration, block, group, dynamic):
     """Everything numeric of ``gptq`` after damping in one compiled call: (packed codes,
     stored scales). ``u``: the inverse factor of the damped Hessian in processing order."""
     k, n = w.shape
     g = group
-    w32 = jnp.where(dead[:, None], 0.0, w.astype(jnp.float32))
+    w32 = w.astype(jnp.float32)
     t = None
     if scaling.axis is None:  # one scale for the tensor, fixed up front
         lo, hi, t = calibration_lib.calibrate(w32, (0, 1), fmt, scaling, calibration)
@@ -364,7 +364,6 @@ def babai_nearest_plane(w, hessian, quantizer, *, scale_from=None, damp: float =
     damped = hessian_lib.damp_hessian(h, damp)
     r = np.linalg.cholesky(np.asarray(damped.matrix, np.float64)).T.astype(np.float32)  # H = RᵀR
     w32 = np.asarray(w, np.float32).copy()
-    w32[np.asarray(damped.dead), :] = 0.0
     ref = jnp.asarray(w32 if scale_from is None else np.asarray(scale_from, np.float32))
     if scaling.axis is None:
         lo, hi, t = calibration_lib.calibrate(ref, (0, 1), fmt, scaling, calibration)

@@ -3,8 +3,12 @@
 Terminology (Flax layout: a weight ``w`` is ``[K, N]``, K inputs contracted, N outputs):
   hessian:     ``H = Σ x xᵀ`` over calibration inputs, f32 ``[K, K]``. A quantized ``ŵ``
                changes the layer's outputs by ``tr((w − ŵ)ᵀ H (w − ŵ))`` in total.
-  dead input:  an input with ``H_kk = 0`` (always zero in calibration): its weights never
-               reach the output. Its diagonal entry is set to 1 and its weights to 0.
+  dead input:  an input with ``H_kk = 0`` (always zero in calibration): the calibration data
+               says nothing about its weights. Its diagonal entry is set to 1 (it stays
+               uncoupled from the other inputs, so its weights are rounded to nearest and
+               no error is pushed onto them) and ``damp_hessian`` warns. GPTQ's reference
+               zeroes those weights; we keep them, since an input that calibration never
+               exercised can still be nonzero in use.
   damping:     ``λ = damp · 10^i · mean(diag H)`` added to the diagonal, for the smallest
                ``i < max_tries`` that makes the float32 Cholesky factorization succeed (GPTQ's
                reference damps by ``damp · mean(diag H)``; the retries cover Hessians that are
@@ -17,6 +21,7 @@ Hessian-aware VQ all start from its result.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -134,6 +139,22 @@ def damp_hessian(
         # the input order needs no [K, K] gather
         order = None if np.array_equal(order, np.arange(k)) else jnp.asarray(order, jnp.int32)
     h, dead, mean_diag = _revive(h)
+    num_dead = int(jnp.sum(dead))
+    if num_dead:
+        which = np.flatnonzero(np.asarray(dead))
+        shown = ", ".join(str(i) for i in which[:8]) + (", ..." if num_dead > 8 else "")
+        warnings.warn(
+            f"hessian: {num_dead} of {k} inputs are dead (zero diagonal: always zero in the "
+            f"calibration data; inputs {shown}); their weights are kept and rounded to "
+            "nearest. "
+            + (
+                "The Hessian is all zero: nothing was learned from calibration; check that "
+                "the calibration inputs reach this layer."
+                if num_dead == k
+                else "Calibrate on data that exercises them to quantize them Hessian-aware."
+            ),
+            stacklevel=2,
+        )
     # The Cholesky factor that tests positive definiteness is the one GPTQ needs (of the
     # reversed, reordered matrix): one factorization per try, none repeated. The retries run
     # from Python (the common case is one try; a traced loop would copy [K, K] state).

@@ -22,8 +22,14 @@ def _group(size: int, **kw) -> Scaling:
     return Scaling(axis=0, group_size=size, **kw)
 
 
+# one scale per output channel, at every integer width
 INT8 = ScalarQuantizer(F.INT8, _channel())
+INT7 = ScalarQuantizer(F.IntFormat(7), _channel())
+INT6 = ScalarQuantizer(F.IntFormat(6), _channel())
+INT5 = ScalarQuantizer(F.IntFormat(5), _channel())
 INT4 = ScalarQuantizer(F.INT4, _channel())
+INT3 = ScalarQuantizer(F.INT3, _channel())
+INT2 = ScalarQuantizer(F.INT2, _channel())
 INT4_G128 = ScalarQuantizer(F.INT4, _group(128))
 INT4_G128_ASYM = ScalarQuantizer(F.UINT4, _group(128, zero_point=True))
 INT3_G128 = ScalarQuantizer(F.INT3, _group(128))
@@ -44,7 +50,12 @@ PRESETS: dict[str, ScalarQuantizer] = {
     p.name: p
     for p in (
         INT8,
+        INT7,
+        INT6,
+        INT5,
         INT4,
+        INT3,
+        INT2,
         INT4_G128,
         INT4_G128_ASYM,
         INT3_G128,

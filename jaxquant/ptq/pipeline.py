@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+from flax.errors import ScopeParamShapeError
 
 from jaxquant.nn import (
     QuantConfig,
@@ -224,8 +225,14 @@ def quantize_model(
         unflat = traverse_util.unflatten_dict(params_q, sep="/")
         hessians: dict[str, jax.Array] = {}
         next_hidden = []
-        for args, h_prev in zip(batches, hidden, strict=True):
-            h_in, stats = run(unflat, args, h_prev)
+        for b, (args, h_prev) in enumerate(zip(batches, hidden, strict=True)):
+            try:
+                h_in, stats = run(unflat, args, h_prev)
+            except ScopeParamShapeError as e:
+                raise ValueError(
+                    f"quantize_model: calibration batch {b} (shapes "
+                    f"{jax.tree.map(jnp.shape, args)}) does not fit the params: {e}"
+                ) from e
             next_hidden.append(h_in)
             for layer, h in stats.items():
                 hessians[layer] = h if layer not in hessians else hessians[layer] + h
@@ -243,6 +250,12 @@ def quantize_model(
                 no_hessian.append(info.param_path)
             else:
                 _check_hessian_size(h, info)
+                if not bool(jnp.all(jnp.isfinite(h))):
+                    raise ValueError(
+                        f"quantize_model: the calibration inputs of {info.path} contain NaN or "
+                        "Inf (its input Hessian is not finite): check the calibration batches "
+                        "and the float model's activations."
+                    )
                 q = quantize_weight(w, info, quantizer, hessian=h, damp=damp, order=order)
                 method = quantizer.hessian_method
                 err, err_rtn = (float(e) for e in _errors(w, q, q_rtn, h, info.axis[0]))

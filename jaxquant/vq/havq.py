@@ -92,7 +92,6 @@ def _havq_jit(w, h, u, dead, signs_in, signs_out, *, quantizer):
         s_in = rotation.unpack_signs(signs_in, k)
         s_out = rotation.unpack_signs(signs_out, n)
         w2 = rotation.rotate_weight(w2, s_in, s_out)
-    w2 = jnp.where(dead[:, None], 0.0, w2)
     g = quantizer.group_size or k
     scale = vqa.group_rms_scale(w2, quantizer)
     full = vqa.expand_scale(scale, k, g)  # [K, N]

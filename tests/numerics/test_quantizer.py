@@ -219,7 +219,8 @@ def test_damp_hessian_marks_dead_inputs_and_rejects_indefinite_matrices():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((40, 8))
     x[:, 3] = 0
-    damped = jn.damp_hessian(jnp.asarray(x.T @ x, jnp.float32), 0.01)
+    with pytest.warns(UserWarning, match=r"1 of 8 inputs are dead .*inputs 3\); their weights"):
+        damped = jn.damp_hessian(jnp.asarray(x.T @ x, jnp.float32), 0.01)
     assert np.asarray(damped.dead).tolist() == [i == 3 for i in range(8)]
     assert damped.damping > 0
     # the dead diagonal entry is set to 1, then damped like the others
