@@ -144,7 +144,10 @@ MODULES = {
 
 
 def jaxquant_config(weight, act, path: str = QUANT_PATH) -> QuantConfig:
-    return QuantConfig(mode="qat", rules=(QuantRule(path, weight=weight, act=act),))
+    # roles: a lone module's last Dense ('mlp/down', 'attention/o') returns the module's output,
+    # which intercept takes for a head; qwix quantizes it, so the path names it here too.
+    rule = QuantRule(path, weight=weight, act=act, roles=("linear", "head"))
+    return QuantConfig(mode="qat", rules=(rule,))
 
 
 def make_apply(recipe: str, module: str = "model"):

@@ -16,6 +16,7 @@ Losses in nats per token become bits per byte, comparable across tokenizers, wit
 """
 
 from jaxquant.data.corpus import SPLITS, load_text
+from jaxquant.data.images import IMAGE_SPLITS, load_digits
 from jaxquant.data.iterator import BatchIterator, eval_batches, num_eval_batches
 from jaxquant.data.tokenizer import (
     TOKENIZERS,
@@ -27,6 +28,7 @@ from jaxquant.data.tokenizer import (
 )
 
 __all__ = [
+    "IMAGE_SPLITS",
     "SPLITS",
     "TOKENIZERS",
     "BatchIterator",
@@ -36,6 +38,7 @@ __all__ = [
     "bits_per_byte",
     "eval_batches",
     "get_tokenizer",
+    "load_digits",
     "load_text",
     "num_eval_batches",
 ]
