@@ -205,9 +205,8 @@ def quantize_model(
                     mutable=["qstats"],
                 )
             flat = traverse_util.flatten_dict(nn.unbox(state.get("qstats", {})), sep="/")
-            stats = {
-                layer: flat[f"{layer}/hessian"] for layer in layers if f"{layer}/hessian" in flat
-            }
+            keys = {layer: f"{layer}/hessian" if layer else "hessian" for layer in layers}
+            stats = {layer: flat[key] for layer, key in keys.items() if key in flat}
             return captured.get("hidden"), stats
 
         return jax.jit(run)

@@ -215,3 +215,19 @@ def test_a_layer_a_rule_reaches_but_jaxquant_cannot_quantize_is_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         qn.freeze(model, params, x, rules=(qn.QuantRule("enc", weight=jn.INT8),))
+
+
+def test_a_conv_takes_a_vector_quantizer_through_hessian_aware_vq():
+    x = _x((32, 8, 8, 8), seed=2)
+    layer = qn.QConv(16, (3, 3), name="conv")
+    params = layer.init(jax.random.key(0), x)["params"]
+    rules = (qn.QuantRule(".*", weight="e8p2"),)  # 8-dim vectors along the 72 contracted rows
+    quant, report = quantize_model(layer, params, [x], rules)
+    (row,) = report.weights
+    assert row.method == "havq" and row.shape == (72, 16) and row.error < row.rtn_error
+    served = layer.clone(quant=qn.QuantConfig(mode="serve", rules=rules)).apply(
+        {"params": qn.serving_params(params, quant), "quant": quant}, x
+    )
+    w = quant["kernel"].dequantize().reshape(params["kernel"].shape)
+    expected = nn.Conv(16, (3, 3)).apply({"params": {**params, "kernel": w}}, x)
+    np.testing.assert_allclose(np.asarray(served), np.asarray(expected), rtol=1e-5, atol=1e-5)
