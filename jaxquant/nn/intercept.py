@@ -196,7 +196,11 @@ def intercept(config: QuantConfig, *, check_rules: bool = True):
         if _PROBING.get():
             return next_fun(*args, **kwargs)
         module = context.module
-        if ops.current_trace() is None and module.scope.parent is None:
+        if (
+            ops.current_trace() is None
+            and module.scope.parent is None
+            and context.method_name != "setup"
+        ):
             return _apply_root(config, check_rules, interceptor, next_fun, args, kwargs, context)
         if context.method_name != "__call__" or isinstance(module, layers.QuantizedLayer):
             return next_fun(*args, **kwargs)

@@ -339,8 +339,9 @@ def quantized_call(
     """
     config = _FLOAT if config is None else config
     c = contraction(module, args, kwargs)
+    initial = None
     if config.mode in ("qat", "serve") and module.is_initializing():
-        flax_call(*args, **kwargs)  # Flax's own params first; QAT's then join them
+        initial = flax_call(*args, **kwargs)  # Flax's own params first; QAT's then join them
     weight, rule = layer_weight(
         module,
         config,
@@ -356,7 +357,9 @@ def quantized_call(
             record_input_stats(module, c)
         return flax_call(*args, **kwargs)
     if rule is None and not is_quantized(weight):
-        return flax_call(*args, **kwargs)
+        # the layer's own call (once: a second call at initialization would create its params
+        # again)
+        return flax_call(*args, **kwargs) if initial is None else initial
     x = c.inputs
     if rule is not None and rule.act is not None:
         x = quantize_input(module, x, c.input_axes, rule.act)

@@ -191,3 +191,36 @@ def test_a_quantized_tensor_is_sharded_like_its_float_weight(name):
     placed = jax.device_put(q, shardings)
     np.testing.assert_array_equal(jax.jit(lambda q: q.dequantize())(placed), q.dequantize())
     assert placed.codes.sharding.spec[0] == "a"  # the codes keep the weight's row split
+
+
+class SetupStyle(nn.Module):
+    """Submodules made in setup; a second method that calls one layer."""
+
+    def setup(self):
+        self.hidden = nn.Dense(8)
+        self.out = nn.Dense(4)
+
+    def __call__(self, x):
+        return self.out(nn.relu(self.hidden(x)))
+
+    def features(self, x):
+        return self.hidden(x)
+
+
+def test_init_and_other_methods_under_intercept_with_a_head_left_float():
+    model, x = SetupStyle(), jnp.ones((2, 3))
+    rules = (qn.QuantRule(".*", weight=jn.INT4),)
+    with qn.intercept(qn.QuantConfig(mode="qat", rules=rules)):
+        variables = _no_warnings(model.init, jax.random.key(0), x)  # the float head: once
+        y = model.apply(variables, x)
+        f = model.apply(variables, x, method=model.features)
+    assert jax.tree.map(jnp.shape, variables["params"]) == {
+        "hidden": {"kernel": (3, 8), "bias": (8,)},
+        "out": {"kernel": (8, 4), "bias": (4,)},
+    }
+    p = variables["params"]
+    fq = {**p, "hidden": {**p["hidden"], "kernel": jn.fake_quant(p["hidden"]["kernel"], jn.INT4)}}
+    np.testing.assert_allclose(y, model.apply({"params": fq}, x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        f, model.apply({"params": fq}, x, method=model.features), rtol=1e-6, atol=1e-6
+    )
