@@ -297,17 +297,13 @@ def conv_contraction(module, args, kwargs) -> ops.Contraction:
     feature grouping Flax takes): the kernel ``[*window, C_in / groups, C_out]`` contracts its
     window and input features, so its view is ``[window * C_in / groups, C_out]`` and the
     Hessian's samples are the input's patches (``lax.conv_general_dilated_patches``, reordered
-    to the kernel's window-major order). A grouped convolution has no single input Hessian
+    to the kernel's window-major order). An activation quantizer scales each pixel's input
+    features (the input's last axis). A grouped convolution has no single input Hessian
     (each group reads other channels): it is quantized like a batched contraction. A frozen
     kernel is dequantized, then convolved."""
     (inputs,) = args
     if kwargs:
         raise TypeError(f"{type(module).__name__}: unexpected keyword arguments {sorted(kwargs)}.")
-    if module.mask is not None:
-        raise ValueError(
-            f"{type(module).__name__} with a mask: jaxquant does not quantize masked "
-            "convolutions; leave this layer out of the rules."
-        )
     size, strides, in_dil, k_dil, padding, prepare, restore = _conv_geometry(module, inputs)
     groups = module.feature_group_count
     in_features = inputs.shape[-1]
@@ -385,7 +381,7 @@ def contraction_of(module):
         return dense_contraction
     if isinstance(module, nn.Einsum):
         return einsum_contraction
-    if isinstance(module, nn.Conv):
+    if isinstance(module, nn.Conv) and module.mask is None:  # a masked conv: not quantized
         return conv_contraction
     return None
 
@@ -399,8 +395,14 @@ class QuantizedLayer(nn.Module):
 
     @nn.compact
     def __call__(self, *args, **kwargs):
+        contraction = contraction_of(self)
+        if contraction is None:
+            raise ValueError(
+                f"{type(self).__name__} at {self.scope.path}: jaxquant does not quantize a "
+                "convolution with a mask; use nn.Conv for it."
+            )
         return ops.quantized_call(
-            self, self.quant, self.role, contraction_of(self), super().__call__, args, kwargs
+            self, self.quant, self.role, contraction, super().__call__, args, kwargs
         )
 
 

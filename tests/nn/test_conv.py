@@ -231,3 +231,22 @@ def test_a_conv_takes_a_vector_quantizer_through_hessian_aware_vq():
     w = quant["kernel"].dequantize().reshape(params["kernel"].shape)
     expected = nn.Conv(16, (3, 3)).apply({"params": {**params, "kernel": w}}, x)
     np.testing.assert_allclose(np.asarray(served), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_a_masked_conv_is_left_alone_unless_a_rule_reaches_it():
+    class Masked(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            mask = jnp.ones((3, 3, 2, 4)).at[1, 1].set(0.0)
+            x = nn.Conv(4, (3, 3), mask=mask, name="masked")(x)
+            return nn.Conv(4, (3, 3), name="plain")(x)
+
+    x = _x((1, 5, 5, 2))
+    model = Masked()
+    params = model.init(jax.random.key(0), x)["params"]
+    quant, _ = qn.freeze(model, params, x, rules=(qn.QuantRule("plain", weight=jn.INT8),))
+    assert set(quant) == {"plain"}
+    with pytest.warns(UserWarning, match=r"reaches masked \(Conv.*cannot quantize"):
+        qn.freeze(model, params, x, rules=(qn.QuantRule(".*", weight=jn.INT8),))
+    with pytest.raises(ValueError, match="does not quantize a convolution with a mask"):
+        qn.QConv(4, (3, 3), mask=jnp.ones((3, 3, 2, 4))).init(jax.random.key(0), x)
