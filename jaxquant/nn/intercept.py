@@ -89,16 +89,16 @@ def probe(module, method: str, args, kwargs) -> list[LayerCall]:
     leaves, treedef = jax.tree.flatten((args, kwargs))
     dynamic = [i for i, leaf in enumerate(leaves) if isinstance(leaf, (jax.Array, np.ndarray))]
     calls: list[LayerCall] = []
-    outputs: list[set[int]] = []  # ids of each call's output leaves
+    outputs: list[list] = []  # each call's output leaves (held, so identity is meaningful)
 
     def recorder(next_fun, a, kw, ctx):
         if ctx.method_name != "__call__":
             return next_fun(*a, **kw)
         index = len(calls)
         calls.append(None)
-        outputs.append(set())
+        outputs.append([])
         out = next_fun(*a, **kw)
-        outputs[index] = {id(leaf) for leaf in jax.tree.leaves(out)}
+        outputs[index] = jax.tree.leaves(out)
         m = ctx.module
         own = nn.unbox(m.variables.get("params", {}))
         calls[index] = LayerCall(
@@ -125,9 +125,9 @@ def probe(module, method: str, args, kwargs) -> list[LayerCall]:
                 out, _ = root.init_with_output(rngs, *a, method=method, **kw)
             else:
                 out, _ = root.apply(variables, *a, method=method, rngs=rngs, mutable=True, **kw)
-        model_out = {id(leaf) for leaf in jax.tree.leaves(out)}
+        model_out = jax.tree.leaves(out)
         for i, c in enumerate(calls):
-            if c is not None and c.path and outputs[i] & model_out:
+            if c is not None and c.path and any(o is m for o in outputs[i] for m in model_out):
                 calls[i] = dataclasses.replace(c, is_output=True)
 
     token = _PROBING.set(True)
