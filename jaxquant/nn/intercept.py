@@ -43,6 +43,21 @@ from jaxquant.nn.rules import QuantConfig, layer_path
 _JIT_CONTEXT = jax.make_user_context(None)
 _PROBING: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxquant_probing", default=False)
 _HEAD_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
+# (root type, method, input shapes) -> probe result, inside ``reuse_probes()`` only.
+_PROBE_CACHE: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "jaxquant_probe_cache", default=None
+)
+
+
+@contextlib.contextmanager
+def reuse_probes():
+    """Inside the block, a model applied again with inputs of the same shapes reuses its first
+    ``probe`` (for callers such as ``quantize_model`` that trace one model many times)."""
+    token = _PROBE_CACHE.set({})
+    try:
+        yield
+    finally:
+        _PROBE_CACHE.reset(token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +233,17 @@ def intercept(config: QuantConfig, *, check_rules: bool = True):
 
 def _apply_root(config, check_rules, interceptor, next_fun, args, kwargs, context):
     """One application of a whole model: probe it, apply it, then check the rules."""
-    calls = probe(context.module, context.method_name, args, kwargs)
+    cache = _PROBE_CACHE.get()
+    key = None
+    if cache is not None:
+        shapes = jax.tree.map(lambda a: (np.shape(a), np.result_type(a)), (args, kwargs))
+        key = (type(context.module), context.method_name, str(shapes))
+    if key is not None and key in cache:
+        calls = cache[key]
+    else:
+        calls = probe(context.module, context.method_name, args, kwargs)
+        if key is not None:
+            cache[key] = calls
     trace = ops.ModelTrace(head=find_head(calls))
     for message in unsupported(calls, config):
         warnings.warn(message, stacklevel=find_stacklevel())

@@ -44,7 +44,7 @@ from jaxquant.nn import (
     quantize_weight,
 )
 from jaxquant.nn.freeze import learned_params, make_report, rules_of, weight_report
-from jaxquant.nn.intercept import probing
+from jaxquant.nn.intercept import probing, reuse_probes
 from jaxquant.nn.rules import layer_path
 from jaxquant.numerics import layer_error
 
@@ -150,6 +150,13 @@ def quantize_model(
       without an input Hessian (an embedding table, a batched contraction) is rounded to
       nearest, with a warning naming it.
     """
+    with reuse_probes():  # every pass traces the same model: its structure is probed once
+        return _quantize_model(
+            model, params, calibration_batches, rules, blocks, damp, order, progress
+        )
+
+
+def _quantize_model(model, params, calibration_batches, rules, blocks, damp, order, progress):
     start_time = time.perf_counter()
     if order not in (None, "act", "babai"):
         raise ValueError(f"quantize_model order={order!r}: expected None, 'act' or 'babai'.")
