@@ -27,9 +27,16 @@ def _config(**overrides):
     return c
 
 
-def test_interrupted_run_resumes_to_exactly_the_same_losses(tmp_path):
-    full = trainer.Trainer(_config(), tmp_path / "full")
-    _, losses = full.train()
+@pytest.fixture(scope="module")
+def f32_losses(tmp_path_factory):
+    """The 6 losses of the runlocal config (f32 Adam, pure data parallel), trained once per
+    module (per xdist worker): the reference several tests compare against."""
+    _, losses = trainer.Trainer(_config(), tmp_path_factory.mktemp("f32")).train()
+    return losses
+
+
+def test_interrupted_run_resumes_to_exactly_the_same_losses(tmp_path, f32_losses):
+    losses = f32_losses
     assert len(losses) == 6 and all(np.isfinite(losses))
     part = tmp_path / "part"
     _, first = trainer.Trainer(_config(), part).train(stop_at=4)
@@ -39,8 +46,8 @@ def test_interrupted_run_resumes_to_exactly_the_same_losses(tmp_path):
     assert first + rest == losses  # bit-exact floats
 
 
-def test_sharded_mesh_gives_the_same_losses_as_pure_data_parallel(tmp_path):
-    _, dp = trainer.Trainer(_config(), tmp_path / "dp").train()
+def test_sharded_mesh_gives_the_same_losses_as_pure_data_parallel(tmp_path, f32_losses):
+    dp = f32_losses
     cfg = _config()
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
     t = trainer.Trainer(cfg, tmp_path / "fsdp_tp")
@@ -52,8 +59,27 @@ def test_sharded_mesh_gives_the_same_losses_as_pure_data_parallel(tmp_path):
     assert mu.sharding.spec == kernel.sharding.spec  # Adam's moments shard like their param
 
 
-def test_8bit_optimizer_states_train_shard_and_resume_exactly(tmp_path):
-    """config.optim.state_bits=8: quantized moments on a sharded mesh, checkpointed and resumed."""
+def _assert_restores_bit_exactly(cfg, workdir, state):
+    """A fresh Trainer restores ``workdir``'s checkpoint as ``state`` bit for bit: the same tree
+    (quantized moments, their static formats), dtypes, shardings and values. The step is a pure
+    function of the state (stochastic rounding keys come from its count) and the data position
+    is restored as in test_interrupted_run_resumes_to_exactly_the_same_losses, so a run resumed
+    from it continues exactly; comparing the state itself also covers moments whose error
+    would not yet show in a few losses. (Checked directly instead of training the run twice.)"""
+    t = trainer.Trainer(cfg, workdir)
+    with t.checkpoint_manager() as manager:
+        restored = t.restore_or_init(manager)
+    assert int(restored.step) == int(state.step) == cfg.train.num_steps
+    want, tree = jax.tree.flatten(state)
+    got, restored_tree = jax.tree.flatten(restored)
+    assert restored_tree == tree
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_8bit_optimizer_states_train_shard_and_resume_exactly(tmp_path, f32_losses):
+    """config.optim.state_bits=8: quantized moments on a sharded mesh, checkpointed and restored."""
     cfg = _config(**{"optim.state_bits": 8})
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
     state, losses = trainer.Trainer(cfg, tmp_path / "full").train()
@@ -61,17 +87,13 @@ def test_8bit_optimizer_states_train_shard_and_resume_exactly(tmp_path):
     assert isinstance(mu["embed"]["embedding"], optim.QuantizedMoment)  # 8192 elements
     kernel = state.params["layers_0"]["mlp"]["gate"]["kernel"]  # 2048 < 4096: stays f32
     assert mu["layers_0"]["mlp"]["gate"]["kernel"].sharding.spec == kernel.sharding.spec
-    _, f32 = trainer.Trainer(_config(), tmp_path / "f32").train()
-    np.testing.assert_allclose(losses, f32, rtol=2e-2)
-    part = tmp_path / "part"
-    _, first = trainer.Trainer(cfg, part).train(stop_at=4)
-    _, rest = trainer.Trainer(cfg, part).train()
-    assert first + rest == losses  # bit-exact: the quantized state round-trips through orbax
+    np.testing.assert_allclose(losses, f32_losses, rtol=2e-2)
+    _assert_restores_bit_exactly(cfg, tmp_path / "full", state)
 
 
-def test_4bit_states_shard_over_the_mesh_and_resume_exactly(tmp_path):
+def test_4bit_states_shard_over_the_mesh_and_resume_exactly(tmp_path, f32_losses):
     """--config.optim.state_bits=4: 4-bit moments (rank-1 second moment) train on a 2x2x2 mesh,
-    the quantized codes spread over all 8 devices, and a resumed run is bit-exact."""
+    the quantized codes spread over all 8 devices, and the checkpoint restores them bit-exactly."""
     cfg = _config(**{"optim.state_bits": 4, "optim.state_rounding": "stochastic"})
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
     state, losses = trainer.Trainer(cfg, tmp_path / "full").train()
@@ -81,12 +103,8 @@ def test_4bit_states_shard_over_the_mesh_and_resume_exactly(tmp_path):
     spread = jax.sharding.PartitionSpec(("data", "fsdp", "tensor"))
     assert mu.q.codes.sharding.spec == spread  # 4096 bytes: 512 per device
     assert mu.q.scale.sharding.spec == jax.sharding.PartitionSpec()  # 64 scales: replicated
-    _, f32 = trainer.Trainer(_config(), tmp_path / "f32").train()
-    np.testing.assert_allclose(losses, f32, rtol=2e-2)
-    part = tmp_path / "part"
-    _, first = trainer.Trainer(cfg, part).train(stop_at=3)
-    _, rest = trainer.Trainer(cfg, part).train()
-    assert first + rest == losses
+    np.testing.assert_allclose(losses, f32_losses, rtol=2e-2)
+    _assert_restores_bit_exactly(cfg, tmp_path / "full", state)
 
 
 @pytest.mark.parametrize(
@@ -119,6 +137,7 @@ def test_optimizer_and_state_format_are_chosen_by_config(tmp_path, overrides):
 def test_weight_averaging_is_trained_sharded_and_evaluated(tmp_path, averaging):
     cfg = _config(**{"optim.averaging": averaging, "optim.schedule": "constant"})
     cfg.optim.lawa_every = 2
+    cfg.eval.variants = ""  # quantized variants: test_qat_trains_and_the_evaluator_reports_...
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
     results = trainer.train_and_evaluate(cfg, tmp_path)
     assert [r.name for r in results][:2] == ["float", f"float ({averaging} average)"]
@@ -138,12 +157,9 @@ def test_bad_optimizer_config_values_get_clear_errors(tmp_path):
         trainer.Trainer(_config(**{"optim.state_bits": 16}), tmp_path)
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path):
-    _, one = trainer.Trainer(_config(**{"train.num_steps": 3}), tmp_path / "a").train()
-    _, acc = trainer.Trainer(
-        _config(**{"train.num_steps": 3, "train.grad_accum_steps": 4}), tmp_path / "b"
-    ).train()
-    np.testing.assert_allclose(acc, one, rtol=1e-5)
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, f32_losses):
+    _, acc = trainer.Trainer(_config(**{"train.grad_accum_steps": 4}), tmp_path).train()
+    np.testing.assert_allclose(acc, f32_losses, rtol=1e-5)
 
 
 def test_qat_trains_and_the_evaluator_reports_every_variant(tmp_path):
@@ -173,7 +189,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_train_in_lockstep_with_one_process_on_eight_devices(tmp_path):
+def test_two_processes_train_in_lockstep_with_one_process_on_eight_devices(tmp_path, f32_losses):
     """2 processes x 4 fake CPU devices (gloo collectives) == 1 process x 8 devices."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -203,10 +219,8 @@ def test_two_processes_train_in_lockstep_with_one_process_on_eight_devices(tmp_p
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
     multi = [v for _, v in metrics.read_scalars(tmp_path / "multi" / "tensorboard")["train/loss"]]
-    cfg = _config()
-    cfg.eval.variants = ""
-    _, single = trainer.Trainer(cfg, tmp_path / "single").train()
-    np.testing.assert_allclose(multi, single, rtol=2e-5)
+    # one process x 8 devices: the same config (eval.variants only matters after training)
+    np.testing.assert_allclose(multi, f32_losses, rtol=2e-5)
 
 
 def test_train_py_help_documents_the_flags():
