@@ -11,7 +11,9 @@ format: bf16 activations [M, K] times a [K, N] weight, timed as
   deq+mm   ``x @ q.dequantize(bf16)`` jitted by XLA;
   bf16     ``x @ w`` with w stored in bf16 (the unquantized baseline, once per (K, M)).
 
-Each time is the median of ``--iters`` runs after one warm-up. The roofline is memory: the
+Each time is the median of ``--iters`` timed loops after one warm-up, each loop ``--reps`` calls
+inside one jitted ``fori_loop`` (so one dispatch, ~0.1 ms on a GPU, is spread over them).
+The roofline is memory: the
 bytes a matmul must read are the packed weight (codes + scales: ``q.nbytes``; ``K·N·2`` for
 bf16) plus the activations (``M·K·2``). ``GB/s`` = those bytes / time; ``roof`` = that over the
 device's copy bandwidth, measured first (a jitted ``y = x + 1`` over 256 MiB: read + write).
@@ -39,19 +41,38 @@ _FORMATS = flags.DEFINE_list(
 )
 _MS = flags.DEFINE_list("ms", ["1", "8", "32", "2048"], "Activation rows M.")
 _SIZES = flags.DEFINE_list("sizes", ["4096", "8192"], "Weight sizes K = N.")
-_ITERS = flags.DEFINE_integer("iters", 10, "Timed runs per measurement (median).")
+_ITERS = flags.DEFINE_integer("iters", 10, "Timed loops per measurement (median).")
+_REPS = flags.DEFINE_integer("reps", 20, "Calls per timed loop (one jitted fori_loop).")
 _KERNEL_ON_CPU = flags.DEFINE_bool(
     "kernel_on_cpu", False, "Time the kernel column on CPU too (its XLA reference; a smoke test)."
 )
 
 
 def _time(f, *args) -> float:
-    jax.block_until_ready(f(*args))  # compile + warm up
+    """Seconds per call of ``f(x, *rest)``: ``--reps`` calls inside one jitted loop, the median
+    over ``--iters`` such loops after one warm-up.
+
+    One dispatch and ``block_until_ready`` cost ~0.1 ms on a GPU, more than a decode-shaped
+    matmul; the loop pays it once per ``--reps`` calls. The arguments pass through an
+    optimization barrier tied to the loop index (so XLA cannot hoist the dequantization or the
+    call out of the loop) and the loop sums every output (so it cannot drop one).
+    """
+    reps = _REPS.value
+
+    @jax.jit
+    def loop(*args):
+        def body(i, acc):
+            args_i, _ = jax.lax.optimization_barrier((args, i))
+            return acc + jnp.sum(f(*args_i).astype(jnp.float32))
+
+        return jax.lax.fori_loop(0, reps, body, jnp.float32(0))
+
+    jax.block_until_ready(loop(*args))  # compile + warm up
     times = []
     for _ in range(_ITERS.value):
         t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
+        jax.block_until_ready(loop(*args))
+        times.append((time.perf_counter() - t0) / reps)
     return statistics.median(times)
 
 
@@ -63,10 +84,16 @@ def _kernel_matmul(x, arrays, **static):
 
 
 def copy_bandwidth() -> float:
-    """Bytes per second of a jitted elementwise pass over 256 MiB (read + write)."""
+    """Bytes per second of ``a = a + 1`` over 256 MiB (read + write), ``--reps`` times in a loop."""
     x = jnp.zeros((64, 1024, 1024), jnp.float32)
-    seconds = _time(jax.jit(lambda a: a + 1), x)
-    return 2 * x.nbytes / seconds
+    loop = jax.jit(lambda a: jax.lax.fori_loop(0, _REPS.value, lambda i, a: a + 1, a))
+    jax.block_until_ready(loop(x))
+    times = []
+    for _ in range(_ITERS.value):
+        t0 = time.perf_counter()
+        jax.block_until_ready(loop(x))
+        times.append((time.perf_counter() - t0) / _REPS.value)
+    return 2 * x.nbytes / statistics.median(times)
 
 
 def main(argv):
@@ -77,7 +104,8 @@ def main(argv):
     bandwidth = copy_bandwidth()
     print(
         f"device: {device.device_kind} ({backend}), {os.cpu_count()} host cores; "
-        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; median of {_ITERS.value} runs"
+        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
+        f"median of {_ITERS.value} loops of {_REPS.value} calls"
     )
     print(
         "\n| K = N | M | format | bytes read | kernel ms | deq+mm ms | bf16 ms | "
