@@ -21,6 +21,7 @@ from jaxquant.data.iterator import BatchIterator, eval_batches, num_eval_batches
 from jaxquant.data.tokenizer import (
     TOKENIZERS,
     ByteTokenizer,
+    PretrainedTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
     bits_per_byte,
@@ -33,6 +34,7 @@ __all__ = [
     "TOKENIZERS",
     "BatchIterator",
     "ByteTokenizer",
+    "PretrainedTokenizer",
     "SentencePieceTokenizer",
     "Tokenizer",
     "bits_per_byte",

@@ -322,3 +322,286 @@ def get_tokenizer(
             train_text, model_path, vocab_size=vocab_size, model_type=model_type
         )
     raise ValueError(f"name={name!r}: expected one of {TOKENIZERS}.")
+
+
+def _import_tokenizers():
+    try:
+        import tokenizers
+    except ImportError as e:
+        raise ImportError(
+            "Pretrained tokenizers need the tokenizers package: pip install 'jaxquant[pretrained]' "
+            "(or pip install 'tokenizers>=0.20,<1')."
+        ) from e
+    return tokenizers
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character that spells each byte, inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+# Pre-tokenizer regexes of the byte-level BPE vocabularies that GGUF files name in
+# ``tokenizer.ggml.pre`` (as llama.cpp's converter records them).
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# name -> (split regex, digits split one by one first)
+GGUF_PRE_TOKENIZERS = {
+    "default": (_GPT2_SPLIT, False),
+    "gpt-2": (_GPT2_SPLIT, False),
+    "smollm": (_GPT2_SPLIT, True),
+    "starcoder": (_GPT2_SPLIT, True),
+    "refact": (_GPT2_SPLIT, True),
+    "llama-bpe": (_LLAMA3_SPLIT, False),
+    "llama3": (_LLAMA3_SPLIT, False),
+    "qwen2": (_QWEN2_SPLIT, False),
+}
+
+
+class PretrainedTokenizer(Tokenizer):
+    """A pretrained model's tokenizer: a ``tokenizers.Tokenizer`` with its special tokens and chat
+    template (from ``tokenizer.json`` + ``tokenizer_config.json``, or from a GGUF's metadata).
+
+    ``encode`` adds no special tokens unless ``add_bos`` (the model's own convention, kept in
+    ``self.add_bos``); ``decode`` drops special tokens unless ``skip_special=False``.
+    ``chat(messages)`` renders the model's Jinja chat template.
+
+    Args:
+      tokenizer: a ``tokenizers.Tokenizer``.
+      bos_id, eos_ids: begin-of-sequence id (or None) and the ids that end a generation.
+      chat_template: the Jinja template string, or None (then ``chat`` raises).
+      add_bos: whether the model expects ``bos_id`` first (``encode(..., add_bos=None)`` uses it).
+      vocab_size: the model's vocabulary (embedding rows), at least the tokenizer's.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        bos_id: int | None = None,
+        eos_ids: tuple[int, ...] = (),
+        chat_template: str | None = None,
+        add_bos: bool = False,
+        vocab_size: int | None = None,
+        special_tokens: dict[str, str] | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.bos_id = bos_id
+        self.eos_ids = tuple(int(i) for i in eos_ids)
+        self.chat_template = chat_template
+        self.add_bos = add_bos
+        self.special_tokens = dict(special_tokens or {})
+        n = tokenizer.get_vocab_size(with_added_tokens=True)
+        if vocab_size is not None and vocab_size < n:
+            raise ValueError(
+                f"PretrainedTokenizer: the tokenizer has {n} ids but the model only "
+                f"vocab_size={vocab_size}: they do not belong together."
+            )
+        self._vocab_size = vocab_size or n
+
+    @classmethod
+    def from_files(cls, directory, *, vocab_size: int | None = None) -> PretrainedTokenizer:
+        """Reads ``tokenizer.json`` and, when present, ``tokenizer_config.json`` (special tokens,
+        chat template) and ``generation_config.json`` (eos ids) of a Hugging Face checkpoint."""
+        import json
+
+        tk = _import_tokenizers()
+        path = os.path.join(directory, "tokenizer.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{directory}: no tokenizer.json (a tokenizers file).")
+        tokenizer = tk.Tokenizer.from_file(path)
+
+        def read(name):
+            p = os.path.join(directory, name)
+            if not os.path.exists(p):
+                return {}
+            with open(p, encoding="utf-8") as f:
+                return json.load(f)
+
+        config, generation = read("tokenizer_config.json"), read("generation_config.json")
+
+        def token(v):
+            return v.get("content") if isinstance(v, dict) else v
+
+        def token_id(v):
+            t = token(v)
+            return None if t is None else tokenizer.token_to_id(t)
+
+        specials = {
+            k: token(config[k])
+            for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+            if token(config.get(k)) is not None
+        }
+        eos = generation.get("eos_token_id", token_id(config.get("eos_token")))
+        eos = () if eos is None else (eos if isinstance(eos, list) else [eos])
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{'name': 'default', 'template': ...}, ...]
+            template = {t["name"]: t["template"] for t in template}.get("default")
+        return cls(
+            tokenizer,
+            bos_id=token_id(config.get("bos_token")),
+            eos_ids=tuple(eos),
+            chat_template=template,
+            add_bos=bool(config.get("add_bos_token", False)),
+            vocab_size=vocab_size,
+            special_tokens=specials,
+        )
+
+    @classmethod
+    def from_gguf(cls, fields: dict, *, vocab_size: int | None = None) -> PretrainedTokenizer:
+        """Builds the tokenizer from a GGUF's ``tokenizer.ggml.*`` metadata (``fields``: name to
+        value). Byte-level BPE vocabularies (``tokenizer.ggml.model == 'gpt2'``: Llama 3, Qwen2,
+        SmolLM2) are supported, with the pre-tokenizers of ``GGUF_PRE_TOKENIZERS``."""
+        tk = _import_tokenizers()
+        kind = fields.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise ValueError(
+                f"GGUF tokenizer.ggml.model={kind!r}: only byte-level BPE ('gpt2': Llama 3, "
+                "Qwen2, SmolLM2) is read from GGUF metadata; pass the model's tokenizer.json "
+                "instead (load_pretrained(..., tokenizer=PATH))."
+            )
+        pre = fields.get("tokenizer.ggml.pre", "default")
+        if pre not in GGUF_PRE_TOKENIZERS:
+            raise ValueError(
+                f"GGUF tokenizer.ggml.pre={pre!r}: unknown pre-tokenizer (known: "
+                f"{sorted(GGUF_PRE_TOKENIZERS)}); pass the model's tokenizer.json instead "
+                "(load_pretrained(..., tokenizer=PATH))."
+            )
+        tokens = list(fields["tokenizer.ggml.tokens"])
+        types = list(fields.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+        merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+        vocab = {t: i for i, t in enumerate(tokens)}
+        model = tk.models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
+        tokenizer = tk.Tokenizer(model)
+        split, digits = GGUF_PRE_TOKENIZERS[pre]
+        steps = [tk.pre_tokenizers.Digits(individual_digits=True)] if digits else []
+        steps += [
+            tk.pre_tokenizers.Split(tk.Regex(split), behavior="isolated"),
+            tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+        tokenizer.pre_tokenizer = tk.pre_tokenizers.Sequence(steps)
+        tokenizer.decoder = tk.decoders.ByteLevel()
+        # GGUF token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+        if len(types) != len(tokens):
+            raise ValueError(
+                f"GGUF: {len(tokens)} tokens but {len(types)} token types: a corrupt vocabulary."
+            )
+        pairs = list(zip(tokens, types, strict=True))
+        special = [tk.AddedToken(t, special=True) for t, k in pairs if k == 3]
+        added = [tk.AddedToken(t, special=False) for t, k in pairs if k == 4]
+        tokenizer.add_special_tokens(special)
+        tokenizer.add_tokens(added)
+
+        def get_id(name):
+            v = fields.get(f"tokenizer.ggml.{name}_token_id")
+            return None if v is None else int(v)
+
+        bos, eos = get_id("bos"), get_id("eos")
+        eos_ids = [eos] if eos is not None else []
+        eot = get_id("eot")
+        if eot is not None and eot not in eos_ids:
+            eos_ids.append(eot)
+        return cls(
+            tokenizer,
+            bos_id=bos,
+            eos_ids=tuple(eos_ids),
+            chat_template=fields.get("tokenizer.chat_template"),
+            add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+            vocab_size=vocab_size,
+            special_tokens={
+                k: tokens[i] for k, i in (("bos_token", bos), ("eos_token", eos)) if i is not None
+            },
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> np.ndarray:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        add = self.add_bos if add_bos is None else add_bos
+        if add and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id, *ids]
+        return np.asarray(ids, np.int32)
+
+    def decode(self, ids, *, skip_special: bool = True) -> str:
+        ids = self._check_ids(ids)
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes per id: byte-level BPE pieces are counted exactly from their byte alphabet;
+        special (added) tokens and ids past the tokenizer's vocabulary count 0."""
+        alphabet = _byte_level_alphabet()
+        out = np.zeros(self.vocab_size, np.int32)
+        added = {int(i) for i in self.tokenizer.get_added_tokens_decoder()}
+        for piece, i in self.tokenizer.get_vocab(with_added_tokens=False).items():
+            if i in added or i >= self.vocab_size:
+                continue
+            if all(ch in alphabet for ch in piece):
+                out[i] = len(piece)
+            else:  # not a byte-level vocabulary: the decoded text of the piece
+                out[i] = len(self.tokenizer.decode([i]).encode("utf-8"))
+        return out
+
+    def chat(self, messages, *, add_generation_prompt: bool = True) -> str:
+        """The prompt text for ``messages`` (``[{'role': 'user', 'content': ...}, ...]``),
+        rendered with the model's chat template."""
+        if not self.chat_template:
+            raise ValueError(
+                "This tokenizer has no chat template (tokenizer_config.json's chat_template or "
+                "the GGUF's tokenizer.chat_template); build the prompt text yourself."
+            )
+        import jinja2
+        import jinja2.sandbox
+
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.special_tokens.get("bos_token", ""),
+            eos_token=self.special_tokens.get("eos_token", ""),
+        )
+
+    def save(self, directory) -> None:
+        """Writes ``tokenizer.json``, ``tokenizer_config.json`` (special tokens, chat template,
+        ``add_bos_token``) and ``generation_config.json`` (eos ids), which ``from_files``
+        reads back."""
+        import json
+
+        os.makedirs(directory, exist_ok=True)
+        self.tokenizer.save(os.path.join(directory, "tokenizer.json"))
+        config = {**self.special_tokens, "add_bos_token": self.add_bos}
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        generation = {"eos_token_id": list(self.eos_ids)}
+        if self.bos_id is not None:
+            generation["bos_token_id"] = self.bos_id
+        with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump(generation, f, indent=2)
+
+    def __repr__(self) -> str:
+        return (
+            f"PretrainedTokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
+            f"eos_ids={self.eos_ids}, chat_template={'yes' if self.chat_template else 'no'})"
+        )

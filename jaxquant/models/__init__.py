@@ -1,5 +1,31 @@
-"""jaxquant.models: models built from jaxquant.nn layers, with logical sharding axes."""
+"""jaxquant.models: models built from jaxquant.nn layers, with logical sharding axes.
 
-from jaxquant.models.llama import Llama, LlamaConfig
+``Llama`` (and its ``LlamaConfig``) is the decoder; ``load_pretrained`` reads Llama-family
+checkpoints (Hugging Face safetensors directories, GGUF files) into it; ``generate`` continues
+prompts with a ``KVCache`` (float, bf16, int8 or int4); ``save_safetensors`` writes a float
+model back in Hugging Face's layout.
+"""
 
-__all__ = ["Llama", "LlamaConfig"]
+from jaxquant.models.generate import KV_FORMATS, Generation, KVCache, generate, sample_logits
+from jaxquant.models.llama import Llama, LlamaConfig, RopeScaling
+from jaxquant.models.pretrained import (
+    Pretrained,
+    load_pretrained,
+    save_safetensors,
+    smollm2_gguf,
+)
+
+__all__ = [
+    "KV_FORMATS",
+    "Generation",
+    "KVCache",
+    "Llama",
+    "LlamaConfig",
+    "Pretrained",
+    "RopeScaling",
+    "generate",
+    "load_pretrained",
+    "sample_logits",
+    "save_safetensors",
+    "smollm2_gguf",
+]

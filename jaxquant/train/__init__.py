@@ -8,6 +8,14 @@ for ``jax.jit(model.init, out_shardings=...)``, ``'quant'`` collections of quant
 included.
 """
 
+from jaxquant.nn.partitioning import (
+    DEFAULT_RULES,
+    MESH_AXES,
+    MeshConfig,
+    logical_to_shardings,
+    make_mesh,
+    state_shardings,
+)
 from jaxquant.train.evaluator import (
     EvalResult,
     Evaluator,
@@ -16,14 +24,6 @@ from jaxquant.train.evaluator import (
     format_table,
 )
 from jaxquant.train.metrics import MetricWriter, format_eta, read_scalars
-from jaxquant.train.partitioning import (
-    DEFAULT_RULES,
-    MESH_AXES,
-    MeshConfig,
-    logical_to_shardings,
-    make_mesh,
-    state_shardings,
-)
 from jaxquant.train.trainer import (
     QAT_RECIPES,
     Trainer,

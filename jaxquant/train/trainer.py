@@ -33,10 +33,9 @@ from jax.sharding import PartitionSpec as P
 from jaxquant import numerics, optim
 from jaxquant.data import BatchIterator, get_tokenizer, load_text
 from jaxquant.models import Llama, LlamaConfig
-from jaxquant.nn import QuantConfig, QuantRule
+from jaxquant.nn import QuantConfig, QuantRule, partitioning
 from jaxquant.train import evaluator as evaluator_lib
 from jaxquant.train import metrics as metrics_lib
-from jaxquant.train import partitioning
 
 # QAT recipes selectable by name from a config (``config.quant.qat``).
 QAT_RECIPES: dict[str, tuple[QuantRule, ...]] = {

@@ -87,8 +87,9 @@ def test_grouped_query_attention_matches_numpy():
     cfg = SMALL
     x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 5, 32)), jnp.float32)
     attn = Attention(cfg)
-    p = nn.unbox(attn.init(jax.random.key(3), x))["params"]
-    got = attn.apply({"params": p}, x)
+    pos = jnp.arange(5)
+    p = nn.unbox(attn.init(jax.random.key(3), x, pos))["params"]
+    got = attn.apply({"params": p}, x, pos)
     xn = np.asarray(x, np.float64)
     proj = lambda name: np.einsum("btd,dhk->bthk", xn, np.asarray(p[name]["kernel"], np.float64))  # noqa: E731
     q = _rope_reference(proj("query"), cfg.rope_theta)

