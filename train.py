@@ -1,6 +1,9 @@
-"""Train, evaluate or quantize a jaxquant model.
+"""Train, evaluate, quantize or generate with a jaxquant model.
 
-  python train.py --config=configs/shakespeare_tiny.py --workdir=/tmp/tiny [--mode=train|eval|ptq]
+  python train.py --config=configs/shakespeare_tiny.py --workdir=/tmp/tiny \
+      [--mode=train|eval|ptq|generate]
+  python train.py --config=configs/smollm2_135m.py --workdir=/tmp/smol --mode=generate \
+      --config.generate.prompt="The capital of France is"
 
 --mode=ptq quantizes the latest checkpoint by round-to-nearest and from calibration Hessians
 (GPTQ for scalar formats, block LDLQ for vector ones; config.ptq), saves each variant under
@@ -23,8 +26,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and T
 _MODE = flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "eval", "ptq"],
-    "train (then evaluate); eval a checkpoint; ptq: quantize a checkpoint (RTN, GPTQ/HAVQ).",
+    ["train", "eval", "ptq", "generate"],
+    "train (then evaluate); eval a checkpoint; ptq: quantize a checkpoint (RTN, GPTQ/HAVQ); "
+    "generate: continue config.generate.prompt. Without a checkpoint in workdir, eval, ptq and "
+    "generate use config.model.pretrained.",
 )
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs."
@@ -51,6 +56,8 @@ def main(argv):
 
     if _MODE.value == "train":
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    elif _MODE.value == "generate":
+        trainer.generate_text(_CONFIG.value, _WORKDIR.value)
     elif _MODE.value == "ptq":
         from jaxquant.train import ptq
 

@@ -5,6 +5,7 @@ Run:
   python train.py --config=configs/shakespeare_tiny.py:qat_int8 --workdir=/tmp/tiny_int8
   python train.py --config=configs/shakespeare_tiny.py:qat_int4 --workdir=/tmp/tiny_int4
   python train.py --config=configs/shakespeare_tiny.py --workdir=/tmp/tiny --mode=eval
+  python train.py --config=configs/shakespeare_tiny.py --workdir=/tmp/tiny --mode=generate
   python train.py --config=configs/shakespeare_tiny.py --workdir=/tmp/tiny --mode=ptq \
       --config.ptq.format=int4_g128,mxfp4 --config.ptq.num_calibration_batches=16
 
@@ -30,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.vocab_size = 0  # sentencepiece only
 
     c.model = ml_collections.ConfigDict()
+    c.model.pretrained = ""  # a HF checkpoint dir or .gguf: its architecture, weights, tokenizer
     c.model.embed_dim = 128
     c.model.num_layers = 4
     c.model.num_heads = 4
@@ -90,6 +92,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ptq.damp = 0.01
     c.ptq.order = ""  # GPTQ row order: "" (input order), "act" or "babai"
 
+    # --mode=generate (jaxquant.train.trainer.generate_text)
+    c.generate = ml_collections.ConfigDict()
+    c.generate.prompt = "ROMEO:"
+    c.generate.chat = False  # wrap the prompt in the tokenizer's chat template
+    c.generate.max_new_tokens = 128
+    c.generate.temperature = 0.8  # 0: greedy
+    c.generate.top_k = 0
+    c.generate.top_p = 0.95
+    c.generate.seed = 0
+    c.generate.kv_cache = "bfloat16"  # float32 | bfloat16 | int8 | int4 | none
+    c.generate.quant = ""  # '' (float) or a quantizer name (RTN-frozen, served)
+
     if "runlocal" in options:
         c.model.embed_dim, c.model.num_layers, c.model.mlp_dim = 32, 1, 64
         c.train.batch_size, c.train.seq_len, c.train.num_steps = 8, 32, 6
@@ -97,4 +111,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optim.warmup_steps = 2
         c.eval.batch_size, c.eval.max_batches = 8, 4
         c.ptq.format, c.ptq.group_size, c.ptq.num_calibration_batches = "int4_g128", 16, 2
+        c.generate.max_new_tokens = 8
     return c

@@ -85,11 +85,14 @@ def config_from_hf(cfg: dict, *, dtype: str = "float32") -> LlamaConfig:
             "config.json use_sliding_window=true: Qwen2's per-layer sliding window is not "
             "supported."
         )
-    scaling = cfg.get("rope_scaling")
+    # transformers < 5 writes rope_theta and rope_scaling; 5.x one rope_parameters dict
+    params = cfg.get("rope_parameters") or {}
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    scaling = cfg.get("rope_scaling") or params
     rope_scaling = None
     if scaling:
         scaling_kind = scaling.get("rope_type", scaling.get("type"))
-        if scaling_kind == "default":
+        if scaling_kind in ("default", None):
             rope_scaling = None
         elif scaling_kind not in ("llama3", "linear"):
             raise ValueError(
@@ -117,7 +120,7 @@ def config_from_hf(cfg: dict, *, dtype: str = "float32") -> LlamaConfig:
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
         head_dim=head_dim,
         mlp_dim=cfg["intermediate_size"],
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_theta=float(theta),
         rope_scaling=rope_scaling,
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),

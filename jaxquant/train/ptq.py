@@ -107,7 +107,8 @@ def load_quant(path: str | os.PathLike, model: nn.Module, params, rules, sample)
 
 
 def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
-    """Quantizes the latest checkpoint of ``workdir`` per ``config.ptq``; prints the table.
+    """Quantizes the latest checkpoint of ``workdir`` (else ``config.model.pretrained``) per
+    ``config.ptq``; prints the table.
 
     Returns:
       ``(results, reports)``: the ``EvalResult`` of float and of every variant, in table
@@ -122,13 +123,8 @@ def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
     rules_by_format = {f: ptq_rules(f, c.group_size) for f in formats}  # bad names fail here
     trainer = Trainer(config, workdir)
     with trainer.checkpoint_manager() as manager:
-        if manager.latest_step() is None:
-            raise ValueError(
-                f"--mode=ptq: no checkpoint in {os.path.join(os.fspath(workdir), 'checkpoints')};"
-                " train first."
-            )
-        state = trainer.restore_or_init(manager)
-    params = jax.device_get(nn.unbox(state.params))
+        params, step = trainer.initial_params(manager, "ptq")
+    params = jax.device_get(nn.unbox(params))
     model = trainer.float_model
     batches = calibration_batches(trainer, c.num_calibration_batches)
     evaluator = trainer.evaluator()
@@ -162,7 +158,8 @@ def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
                 "format": fmt,
                 "group_size": c.group_size,
                 "num_calibration_batches": c.num_calibration_batches,
-                "step": int(state.step),
+                "step": step,
+                "pretrained": config.model.get("pretrained", ""),
                 "val_loss": results[-1].loss,
             }
             if lead:

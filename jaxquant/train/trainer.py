@@ -26,13 +26,13 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from flax import struct
+from flax import struct, traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxquant import numerics, optim
 from jaxquant.data import BatchIterator, get_tokenizer, load_text
-from jaxquant.models import Llama, LlamaConfig
+from jaxquant.models import Llama, LlamaConfig, load_pretrained
 from jaxquant.nn import QuantConfig, QuantRule, partitioning
 from jaxquant.train import evaluator as evaluator_lib
 from jaxquant.train import metrics as metrics_lib
@@ -176,7 +176,7 @@ def train_step(state: TrainState, batch, *, model, optimizer, grad_accum_steps: 
 def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> LlamaConfig:
     fields = {f.name for f in dataclasses.fields(LlamaConfig)}
     kw = {k: v for k, v in cfg.model.to_dict().items() if k in fields}
-    unknown = set(cfg.model.to_dict()) - fields
+    unknown = set(cfg.model.to_dict()) - fields - {"pretrained"}
     if unknown:
         raise ValueError(
             f"config.model has unknown fields {sorted(unknown)}; known: {sorted(fields)}."
@@ -203,17 +203,32 @@ class Trainer:
         self.mesh = partitioning.make_mesh(partitioning.MeshConfig(**c.mesh.to_dict()))
         train_text = load_text("train", c.data.path or None)
         valid_text = load_text("validation", c.data.path or None)
-        spm = c.data.tokenizer == "sentencepiece"
-        self.tokenizer = get_tokenizer(
-            c.data.tokenizer,
-            vocab_size=c.data.vocab_size or None,
-            model_path=os.path.join(self.workdir, "tokenizer.model") if spm else None,
-            train_text=train_text if spm else None,
-        )
+        self.pretrained_params = None
+        pretrained = c.model.get("pretrained", "")
+        if pretrained:
+            # the checkpoint decides the architecture and the tokenizer
+            model, self.pretrained_params, self.tokenizer = load_pretrained(
+                pretrained, dtype=c.model.dtype, mesh=self.mesh
+            )
+            if self.tokenizer is None:
+                raise ValueError(
+                    f"config.model.pretrained={pretrained!r} has no tokenizer: training and "
+                    "evaluation need one to encode the corpus."
+                )
+            self.model_config = model.config
+        else:
+            spm = c.data.tokenizer == "sentencepiece"
+            self.tokenizer = get_tokenizer(
+                c.data.tokenizer,
+                vocab_size=c.data.vocab_size or None,
+                model_path=os.path.join(self.workdir, "tokenizer.model") if spm else None,
+                train_text=train_text if spm else None,
+            )
         self.train_tokens = self.tokenizer.encode(train_text)
         self.valid_tokens = self.tokenizer.encode(valid_text)
         self.bytes_per_token = self.tokenizer.bytes_per_token(valid_text)
-        self.model_config = model_config(c, self.tokenizer.vocab_size)
+        if not pretrained:
+            self.model_config = model_config(c, self.tokenizer.vocab_size)
         rules = QAT_RECIPES[c.quant.qat]
         self.float_model = Llama(self.model_config)
         self.model = (
@@ -235,8 +250,12 @@ class Trainer:
         abstract = jax.eval_shape(self.model.init, key, sample)
         param_shardings = partitioning.state_shardings(abstract, self.mesh)["params"]
 
-        def init(key):
+        def init(key, pretrained=None):
             params = nn.unbox(self.model.init(key, sample))["params"]
+            if pretrained is not None:  # the loaded weights; a QAT model's own quantizer
+                flat = traverse_util.flatten_dict(params)  # params (if any) keep their init
+                flat.update(traverse_util.flatten_dict(pretrained))
+                params = traverse_util.unflatten_dict(flat)
             return TrainState(
                 step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params)
             )
@@ -270,7 +289,26 @@ class Trainer:
         )
 
     def init_state(self) -> TrainState:
-        return self._init(jax.random.key(self.config.seed))
+        """A fresh state: initialized params, or the pretrained ones (config.model.pretrained)."""
+        key = jax.random.key(self.config.seed)
+        if self.pretrained_params is None:
+            return self._init(key)
+        return self._init(key, self.pretrained_params)
+
+    def initial_params(self, manager: ocp.CheckpointManager, mode: str):
+        """``(params, step)``: the float params ``--mode=eval|ptq|generate`` works on, the latest
+        checkpoint of the workdir and its step, else the pretrained weights and step 0; without
+        either, a ValueError."""
+        if manager.latest_step() is None and self.pretrained_params is None:
+            raise ValueError(
+                f"--mode={mode}: no checkpoint in "
+                f"{os.path.join(self.workdir, 'checkpoints')} and no config.model.pretrained; "
+                "train first or name a pretrained model."
+            )
+        if manager.latest_step() is None:
+            return self.pretrained_params, 0
+        state = self.restore_or_init(manager)
+        return state.params, int(state.step)
 
     def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's slice of the batch, as one global array sharded over the mesh."""
@@ -429,15 +467,78 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
-    """Restores the latest checkpoint of ``workdir`` and prints the evaluation table."""
+    """Evaluates the latest checkpoint of ``workdir`` (else ``config.model.pretrained``) and
+    prints the evaluation table."""
     trainer = Trainer(config, workdir)
     with trainer.checkpoint_manager() as manager:
-        if manager.latest_step() is None:
-            raise ValueError(
-                f"--mode=eval: no checkpoint in {os.path.join(os.fspath(workdir), 'checkpoints')}."
-            )
-        state = trainer.restore_or_init(manager)
-    results = trainer.evaluate(state.params)
+        params, _ = trainer.initial_params(manager, "eval")
+    results = trainer.evaluate(params)
     if jax.process_index() == 0:
         print(evaluator_lib.format_table(results))
     return results
+
+
+GENERATE_DEFAULTS = {
+    "prompt": "The capital of France is",
+    "chat": False,  # wrap the prompt in the tokenizer's chat template (instruct models)
+    "max_new_tokens": 64,
+    "temperature": 0.0,  # 0: greedy
+    "top_k": 0,
+    "top_p": 1.0,
+    "seed": 0,
+    "kv_cache": "bfloat16",  # float32 | bfloat16 | int8 | int4 | none
+    "quant": "",  # '' (float) or a quantizer name: RTN-frozen weights, served by the kernels
+}
+
+
+def generate_text(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
+    """``--mode=generate``: continues ``config.generate.prompt`` with the latest checkpoint of
+    ``workdir`` (else ``config.model.pretrained``); prints the text, tokens/s and cache bytes.
+
+    Returns the ``jaxquant.models.Generation``.
+    """
+    from jaxquant.models import generate
+    from jaxquant.nn import freeze, serving_params
+
+    g = {**GENERATE_DEFAULTS, **(config.generate.to_dict() if "generate" in config else {})}
+    unknown = set(g) - set(GENERATE_DEFAULTS)
+    if unknown:
+        raise ValueError(
+            f"config.generate has unknown fields {sorted(unknown)}; known: "
+            f"{sorted(GENERATE_DEFAULTS)}."
+        )
+    trainer = Trainer(config, workdir)
+    with trainer.checkpoint_manager() as manager:
+        params, _ = trainer.initial_params(manager, "generate")
+    tokenizer = trainer.tokenizer
+    prompt = g["prompt"]
+    if g["chat"]:
+        prompt = tokenizer.chat([{"role": "user", "content": prompt}])
+    model, variables, name = trainer.float_model, {"params": nn.unbox(params)}, "float"
+    if g["quant"]:
+        rules = (QuantRule(".*", weight=numerics.get_quantizer(g["quant"])),)
+        sample = jnp.asarray(tokenizer.encode(prompt)[None, : config.train.seq_len])
+        quant, _ = freeze(model, variables["params"], sample, rules=rules)
+        model = model.clone(quant=QuantConfig(mode="serve", rules=rules))
+        variables = {"params": serving_params(variables["params"], quant), "quant": quant}
+        name = f"{g['quant']} (RTN, served)"
+    out = generate(
+        model,
+        variables,
+        [prompt],
+        max_new_tokens=g["max_new_tokens"],
+        tokenizer=tokenizer,
+        temperature=g["temperature"],
+        top_k=g["top_k"],
+        top_p=g["top_p"],
+        seed=g["seed"],
+        kv_cache=g["kv_cache"],
+    )
+    if jax.process_index() == 0:
+        print(prompt + out.text[0])
+        print(
+            f"\n[{name} weights, {g['kv_cache']} KV cache: {len(out.tokens[0])} tokens; prefill "
+            f"{out.prefill_seconds:.3f} s; decode {out.decode_tokens_per_second:.1f} tokens/s; "
+            f"cache {out.cache_bytes:,} bytes]"
+        )
+    return out

@@ -1,0 +1,89 @@
+"""config.model.pretrained: eval, ptq, generate and fine-tuning start from a pretrained checkpoint
+(the tiny golden Llama of tests/data/pretrained), with train.py's generate mode in a subprocess."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import shakespeare_tiny
+from jaxquant.models import load_pretrained
+from jaxquant.train import ptq, trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CHECKPOINT = str(ROOT / "tests" / "data" / "pretrained" / "llama_gqa")
+
+
+def _config(**generate):
+    c = shakespeare_tiny.get_config("runlocal")
+    c.model.pretrained = CHECKPOINT
+    c.train.seq_len = 32
+    c.eval.variants = ""  # float only: the RTN variants are the evaluator's own tests
+    c.eval.max_batches = 2
+    c.generate.update(generate)
+    return c
+
+
+def test_eval_ptq_and_fine_tuning_start_from_the_pretrained_weights(tmp_path, capsys):
+    _, params, tok = load_pretrained(CHECKPOINT)
+    c = _config()
+    # eval without a checkpoint: the pretrained model itself
+    float_result = trainer.evaluate_checkpoint(c, tmp_path / "eval")[0]
+    assert float_result.name == "float" and np.isfinite(float_result.perplexity)
+    # ptq (RTN here; GPTQ's path after the params is the same as for a trained checkpoint)
+    c.ptq.method = "rtn"
+    results, _ = ptq.quantize_checkpoint(c, tmp_path / "eval")
+    assert results[0].loss == float_result.loss
+    assert [r.name for r in results] == ["float", "rtn_int4_g128"]
+    # fine-tuning starts from the pretrained params (step 0 == loaded) and moves them
+    ft = trainer.Trainer(c, tmp_path / "ft")
+    assert ft.tokenizer.vocab_size == 320 and ft.model_config.rope_scaling is not None
+    state = ft.init_state()
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), params)
+    state, losses = ft.train()
+    assert len(losses) == c.train.num_steps and np.isfinite(losses).all()
+    moved = jax.device_get(state.params)["layers_0"]["mlp"]["up"]["kernel"]
+    assert not np.array_equal(moved, params["layers_0"]["mlp"]["up"]["kernel"])
+    # eval, ptq and generate now read the fine-tuned checkpoint, not the pretrained weights
+    with ft.checkpoint_manager() as manager:
+        tuned, step = ft.initial_params(manager, "eval")
+    assert step == c.train.num_steps
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(tuned), jax.device_get(state.params))
+
+
+def test_generate_mode_prints_text_and_speed(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--config=" + str(ROOT / "configs/shakespeare_tiny.py") + ":runlocal",
+            f"--workdir={tmp_path}",
+            "--mode=generate",
+            f"--config.model.pretrained={CHECKPOINT}",
+            "--config.generate.prompt=To be, or not",
+            "--config.generate.temperature=0.0",
+            "--config.generate.quant=int8",
+            "--config.generate.kv_cache=int8",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("To be, or not")
+    assert "[int8 (RTN, served) weights, int8 KV cache: 8 tokens;" in out.stdout
+    assert "tokens/s" in out.stdout
+
+
+def test_generate_mode_without_weights_names_the_fix(tmp_path):
+    c = shakespeare_tiny.get_config("runlocal")
+    with pytest.raises(ValueError, match="no config.model.pretrained"):
+        trainer.generate_text(c, tmp_path)
