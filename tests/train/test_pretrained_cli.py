@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import shakespeare_tiny
+from jaxquant.data import load_text
 from jaxquant.models import load_pretrained
 from jaxquant.train import ptq, trainer
 
@@ -18,9 +19,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 CHECKPOINT = str(ROOT / "tests" / "data" / "pretrained" / "llama_gqa")
 
 
-def _config(**generate):
+def _config(tmp_path, **generate):
     c = shakespeare_tiny.get_config("runlocal")
     c.model.pretrained = CHECKPOINT
+    # a small text of its own (tokenizing the 4.8 MB corpus with BPE costs seconds per Trainer)
+    text = tmp_path / "text.txt"
+    text.write_text(load_text("validation")[:60_000])
+    c.data.path = str(text)
     c.train.seq_len = 32
     c.eval.variants = ""  # float only: the RTN variants are the evaluator's own tests
     c.eval.max_batches = 2
@@ -30,7 +35,7 @@ def _config(**generate):
 
 def test_eval_ptq_and_fine_tuning_start_from_the_pretrained_weights(tmp_path, capsys):
     _, params, tok = load_pretrained(CHECKPOINT)
-    c = _config()
+    c = _config(tmp_path)
     # eval without a checkpoint: the pretrained model itself
     float_result = trainer.evaluate_checkpoint(c, tmp_path / "eval")[0]
     assert float_result.name == "float" and np.isfinite(float_result.perplexity)

