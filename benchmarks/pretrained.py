@@ -28,12 +28,21 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from jaxquant.data import load_text  # noqa: E402
-from jaxquant.models import KVCache, generate, load_pretrained, smollm2_gguf  # noqa: E402
+from jaxquant.models import (  # noqa: E402
+    KVCache,
+    Llama,
+    LlamaConfig,
+    generate,
+    load_pretrained,
+    smollm2_gguf,
+)
 from jaxquant.nn import QuantConfig, QuantRule, freeze, serving_params  # noqa: E402
 from jaxquant.numerics import get_quantizer  # noqa: E402
 from jaxquant.train.evaluator import Evaluator  # noqa: E402
@@ -46,6 +55,26 @@ _NEW = flags.DEFINE_integer("new_tokens", 128, "decode: generated tokens per row
 _WEIGHTS = flags.DEFINE_list("weights", ["float32", "int8", "int4_g64", "e8p2_rht"], "decode.")
 _CACHES = flags.DEFINE_list("caches", ["bfloat16", "int8", "int4", "none"], "decode.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "decode.")
+_RANDOM = flags.DEFINE_bool(
+    "random_weights",
+    False,
+    "decode only: SmolLM2-135M's architecture with random weights and token ids (speed does not "
+    "depend on the values; for machines without the GGUF, such as a lent GPU).",
+)
+
+# SmolLM2-135M's architecture, as its GGUF states it
+SMOLLM2 = LlamaConfig(
+    vocab_size=49152,
+    embed_dim=576,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    mlp_dim=1536,
+    rope_theta=100000.0,
+    norm_eps=1e-5,
+    tie_embeddings=True,
+    max_seq_len=8192,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +114,9 @@ def kv(model, params, tok):
 
 
 def _prompts(tok, batch, length):
+    if tok is None:  # random weights: random ids
+        rng = np.random.default_rng(batch)
+        return rng.integers(0, SMOLLM2.vocab_size, (batch, length)).tolist()
     ids = tok.encode(load_text("validation"))
     return [ids[i * 997 : i * 997 + length].tolist() for i in range(batch)]
 
@@ -151,7 +183,14 @@ def decode(model, params, tok):
 
 def main(argv):
     del argv
-    model, params, tok = load_pretrained(smollm2_gguf())
+    if _RANDOM.value:
+        if _WHAT.value != ["decode"]:
+            raise app.UsageError("--random_weights measures --what=decode only.")
+        model, tok = Llama(SMOLLM2), None
+        params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+        params = nn.unbox(params)
+    else:
+        model, params, tok = load_pretrained(smollm2_gguf())
     for what in _WHAT.value:
         {"kv": kv, "agree": agree, "decode": decode}[what](model, params, tok)
 

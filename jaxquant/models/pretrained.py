@@ -32,6 +32,7 @@ Weight layout (Hugging Face name -> jaxquant param; ``W`` is ``[out, in]`` as to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -483,8 +484,6 @@ def config_from_gguf(fields: dict, *, dtype: str = "float32", num_tokens: int | 
 
 
 def _load_gguf(path: str, *, dtype: str, mesh, tokenizer) -> Pretrained:
-    import dataclasses
-
     import gguf
 
     reader = gguf.GGUFReader(path)
@@ -628,3 +627,139 @@ def smollm2_gguf() -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: reinstall {SMOLLM2_PACKAGE} (--no-deps).")
     return path
+
+
+# ---------------------------------------------------------------- quantized checkpoints
+
+
+class Quantized(NamedTuple):
+    """What ``load_quantized`` returns: ``model, variables, tokenizer = ...``; ``model`` is in
+    serve mode and ``variables`` is ``{'params': ..., 'quant': ...}``."""
+
+    model: Llama
+    variables: dict
+    tokenizer: PretrainedTokenizer | None
+
+
+def config_to_dict(config: LlamaConfig) -> dict:
+    """``config`` as JSON-ready data (``config_from_dict``'s inverse)."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(d: dict) -> LlamaConfig:
+    d = dict(d)
+    if d.get("rope_scaling") is not None:
+        d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    return LlamaConfig(**d)
+
+
+def _quantizer_name(q, what: str):
+    from jaxquant.numerics import get_quantizer
+
+    if q is None:
+        return None
+    try:
+        same = get_quantizer(q.name) == q
+    except ValueError:
+        same = False
+    if not same:
+        raise ValueError(
+            f"save_quantized: the {what} quantizer {q!r} is not the registry quantizer of its "
+            f"name {q.name!r}, so it cannot be saved by name; quantize with a registry "
+            "quantizer (jaxquant.get_quantizer)."
+        )
+    return q.name
+
+
+def _rules_to_json(rules) -> list[dict]:
+    return [
+        {
+            "path": r.path,
+            "weight": _quantizer_name(r.weight, f"rule {r.path!r} weight"),
+            "act": _quantizer_name(r.act, f"rule {r.path!r} act"),
+            "roles": list(r.roles),
+        }
+        for r in rules
+    ]
+
+
+def _rules_from_json(data):
+    from jaxquant.nn import QuantRule
+    from jaxquant.numerics import get_quantizer
+
+    return tuple(
+        QuantRule(
+            r["path"],
+            weight=None if r["weight"] is None else get_quantizer(r["weight"]),
+            act=None if r["act"] is None else get_quantizer(r["act"]),
+            roles=tuple(r["roles"]),
+        )
+        for r in data
+    )
+
+
+def _abstract_served(config: LlamaConfig, rules):
+    """The abstract ``{'params', 'quant'}`` of ``Llama(config)`` frozen with ``rules``."""
+    from jaxquant.nn import freeze, serving_params
+
+    model = Llama(config)
+    sample = jnp.zeros((1, 8), jnp.int32)
+
+    def served():
+        params = nn.unbox(model.init(jax.random.key(0), sample))["params"]
+        quant, _ = freeze(model, params, sample, rules=rules)
+        return {"params": serving_params(params, quant), "quant": quant}
+
+    return jax.eval_shape(served)
+
+
+def save_quantized(directory, model: Llama, variables: dict, *, tokenizer=None) -> None:
+    """Saves a served quantized model as one directory: ``jaxquant.json`` (the ``LlamaConfig``
+    and the rules, quantizers by registry name), ``state/`` (an orbax checkpoint of
+    ``variables = {'params': serving_params(...), 'quant': quant}``) and the tokenizer's files.
+    ``load_quantized(directory)`` restores it exactly."""
+    import orbax.checkpoint as ocp
+
+    if model.quant is None or not model.quant.rules:
+        raise ValueError(
+            "save_quantized: the model has no quantization rules; pass the serve-mode model "
+            "(Llama(config, QuantConfig(mode='serve', rules=...))). Save a float model with "
+            "save_safetensors."
+        )
+    if set(variables) != {"params", "quant"}:
+        raise ValueError(
+            f"save_quantized: variables has collections {sorted(variables)}; expected "
+            "{'params': serving_params(params, quant), 'quant': quant}."
+        )
+    directory = os.path.abspath(os.fspath(directory))
+    os.makedirs(directory, exist_ok=True)
+    meta = {"config": config_to_dict(model.config), "rules": _rules_to_json(model.quant.rules)}
+    with open(os.path.join(directory, "jaxquant.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(directory, "state"), nn.unbox(variables), force=True)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+
+
+def load_quantized(directory) -> Quantized:
+    """Restores what ``save_quantized`` wrote: ``(serve-mode model, variables, tokenizer)``."""
+    import orbax.checkpoint as ocp
+
+    from jaxquant.nn import QuantConfig
+
+    directory = os.path.abspath(os.fspath(directory))
+    path = os.path.join(directory, "jaxquant.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory}: no jaxquant.json (not a save_quantized directory).")
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    config, rules = config_from_dict(meta["config"]), _rules_from_json(meta["rules"])
+    abstract = _abstract_served(config, rules)
+    with ocp.StandardCheckpointer() as ckpt:
+        variables = ckpt.restore(os.path.join(directory, "state"), abstract)
+    tok = None
+    if os.path.exists(os.path.join(directory, "tokenizer.json")):
+        tok = PretrainedTokenizer.from_files(directory, vocab_size=config.vocab_size)
+    model = Llama(config, QuantConfig(mode="serve", rules=rules))
+    return Quantized(model, variables, tok)

@@ -204,3 +204,38 @@ def test_bad_input_is_named(small):
     with pytest.raises(ValueError, match="cache holds 1 layers, the model 2"):
         cache = KVCache.create(dataclasses.replace(CFG, num_layers=1), 1, 8)
         model.apply(v, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), cache)
+
+
+def test_served_quantized_and_vq_models_generate_through_the_cache(small):
+    import flax.linen as nn
+
+    from jaxquant.nn import QuantConfig, QuantRule, freeze, serving_params
+
+    model, v = small
+    params = nn.unbox(v)["params"]
+    rules = (QuantRule("attn/", weight="int4_g16"), QuantRule("mlp/", weight="e8p2_rht"))
+    quant, _ = freeze(model, params, jnp.zeros((1, 8), jnp.int32), rules=rules)
+    served = model.clone(quant=QuantConfig(mode="serve", rules=rules))
+    variables = {"params": serving_params(params, quant), "quant": quant}
+    prompts = _prompts(6, (4, 9))
+    cached = generate(served, variables, prompts, max_new_tokens=12, kv_cache="float32", pad_to=8)
+    again = generate(served, variables, prompts, max_new_tokens=12, kv_cache="none", pad_to=8)
+    assert cached.tokens == again.tokens
+
+
+def test_generation_on_a_mesh_equals_one_device(small):
+    import flax.linen as nn
+
+    from jaxquant.nn.partitioning import MeshConfig, make_mesh, state_shardings
+
+    model, v = small
+    mesh = make_mesh(MeshConfig(data=4, fsdp=1, tensor=2))
+    with pytest.warns(UserWarning, match=r"embedding: shape \(97, 48\)"):  # 97 rows: not split
+        shardings = state_shardings(jax.eval_shape(lambda: v), mesh)
+    sharded = jax.device_put(nn.unbox(v), shardings)
+    q = sharded["params"]["layers_0"]["attn"]["query"]["kernel"]
+    assert len({s.device for s in q.addressable_shards}) == 8 and q.sharding.spec[1] == "tensor"
+    prompts = _prompts(7, (3, 8, 5, 2))
+    here = generate(model, v, prompts, max_new_tokens=10, kv_cache="float32", pad_to=8)
+    there = generate(model, sharded, prompts, max_new_tokens=10, kv_cache="float32", pad_to=8)
+    assert here.tokens == there.tokens

@@ -188,3 +188,29 @@ def test_load_onto_a_mesh_places_params_by_logical_axes():
     np.testing.assert_allclose(
         got, golden["logits"], rtol=0, atol=1e-4 * np.abs(golden["logits"]).max()
     )
+
+
+def test_quantized_model_saves_and_reloads_as_one_directory(tmp_path):
+    from jaxquant.models import load_quantized, save_quantized
+    from jaxquant.nn import QuantConfig, QuantRule, freeze, serving_params
+
+    model, params, tok = load_pretrained(os.path.join(GOLDEN, "qwen2"))
+    rules = (
+        QuantRule("attn/", weight="int4_g32"),
+        QuantRule("mlp/(gate|up)", weight="e8p2_rht"),
+        QuantRule("mlp/down", weight="int8"),
+    )
+    tokens = jnp.asarray(np.load(os.path.join(GOLDEN, "qwen2", "golden.npz"))["tokens"])
+    quant, _ = freeze(model, params, tokens, rules=rules)
+    served = model.clone(quant=QuantConfig(mode="serve", rules=rules))
+    variables = {"params": serving_params(params, quant), "quant": quant}
+    save_quantized(tmp_path / "q", served, variables, tokenizer=tok)
+    model2, variables2, tok2 = load_quantized(tmp_path / "q")
+    assert model2 == served
+    jax.tree.map(np.testing.assert_array_equal, variables2, variables)
+    np.testing.assert_array_equal(model2.apply(variables2, tokens), served.apply(variables, tokens))
+    assert tok2.encode("to be").tolist() == tok.encode("to be").tolist()
+    with pytest.raises(ValueError, match="no quantization rules.*save_safetensors"):
+        save_quantized(tmp_path / "f", model, {"params": params})
+    with pytest.raises(FileNotFoundError, match="no jaxquant.json"):
+        load_quantized(tmp_path)
