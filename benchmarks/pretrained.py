@@ -44,8 +44,7 @@ from jaxquant.models import (  # noqa: E402
     smollm2_gguf,
 )
 from jaxquant.nn import QuantConfig, QuantRule, freeze, serving_params  # noqa: E402
-from jaxquant.numerics import get_quantizer  # noqa: E402
-from jaxquant.train.evaluator import Evaluator  # noqa: E402
+from jaxquant.numerics import get_quantizer, kernel_options  # noqa: E402
 
 _WHAT = flags.DEFINE_list("what", ["kv", "agree", "decode"], "kv, agree, decode.")
 _SEQ = flags.DEFINE_integer("seq_len", 512, "kv: tokens per window.")
@@ -55,6 +54,9 @@ _NEW = flags.DEFINE_integer("new_tokens", 128, "decode: generated tokens per row
 _WEIGHTS = flags.DEFINE_list("weights", ["float32", "int8", "int4_g64", "e8p2_rht"], "decode.")
 _CACHES = flags.DEFINE_list("caches", ["bfloat16", "int8", "int4", "none"], "decode.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "decode.")
+_KERNELS = flags.DEFINE_bool(
+    "kernels", True, "decode: served matmuls through the Pallas kernels (False: dequantize first)."
+)
 _RANDOM = flags.DEFINE_bool(
     "random_weights",
     False,
@@ -92,6 +94,8 @@ class ThroughCache:
 
 
 def kv(model, params, tok):
+    from jaxquant.train.evaluator import Evaluator  # (tensorboardX: not needed for decode)
+
     text = load_text("validation")
     ev = Evaluator(
         model,
@@ -166,19 +170,24 @@ def decode(model, params, tok):
             for b in map(int, _BATCH_SIZES.value):
                 if kind == "none" and fmt != "float32":
                     continue
-                out = generate(
-                    m,
-                    v,
-                    _prompts(tok, b, _PROMPT.value),
-                    max_new_tokens=_NEW.value,
-                    kv_cache=kind,
-                    stop_tokens=[],
-                )
+                with kernel_options(enabled=_KERNELS.value):
+                    out = _generate(m, v, tok, b, kind)
                 print(
                     f"| {fmt} | {kind} | {b} | {out.decode_tokens_per_second:.1f} | "
                     f"{out.prefill_seconds:.3f} | {out.cache_bytes:,} |",
                     flush=True,
                 )
+
+
+def _generate(m, v, tok, b, kind):
+    return generate(
+        m,
+        v,
+        _prompts(tok, b, _PROMPT.value),
+        max_new_tokens=_NEW.value,
+        kv_cache=kind,
+        stop_tokens=[],
+    )
 
 
 def main(argv):

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxquant.numerics as jn
+from jaxquant.numerics.kernel_options import current_kernel_options
 
 KV_FORMATS = ("float32", "bfloat16", "int8", "int4", "none")
 _FLOAT = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -357,15 +358,15 @@ _EXECUTABLES: dict = {}
 
 
 def _compiled(fn, args):
-    """``fn`` compiled for ``args`` (shapes, dtypes, shardings), kept across calls, so that a
-    second ``generate`` with the same shapes compiles nothing and the timing excludes
-    compilation."""
+    """``fn`` compiled for ``args`` (shapes, dtypes, shardings) and the kernel options in effect,
+    kept across calls, so that a second ``generate`` with the same shapes compiles nothing and
+    the timing excludes compilation."""
     leaves, treedef = jax.tree.flatten(args)
     signature = tuple(
         (x.shape, x.dtype, getattr(x, "sharding", None)) if hasattr(x, "shape") else x
         for x in leaves
     )
-    key = (fn, treedef, signature)
+    key = (fn, treedef, signature, current_kernel_options())
     if key not in _EXECUTABLES:
         if len(_EXECUTABLES) > 32:
             _EXECUTABLES.clear()
