@@ -195,11 +195,8 @@ def test_quantized_model_saves_and_reloads_as_one_directory(tmp_path):
     from jaxquant.nn import QuantConfig, QuantRule, freeze, serving_params
 
     model, params, tok = load_pretrained(os.path.join(GOLDEN, "qwen2"))
-    rules = (
-        QuantRule("attn/", weight="int4_g32"),
-        QuantRule("mlp/(gate|up)", weight="e8p2_rht"),
-        QuantRule("mlp/down", weight="int8"),
-    )
+    # (a VQArray's orbax round trip is tests/vq/test_vq.py's)
+    rules = (QuantRule("attn/", weight="int4_g32"), QuantRule("mlp/", weight="int8"))
     tokens = jnp.asarray(np.load(os.path.join(GOLDEN, "qwen2", "golden.npz"))["tokens"])
     quant, _ = freeze(model, params, tokens, rules=rules)
     served = model.clone(quant=QuantConfig(mode="serve", rules=rules))

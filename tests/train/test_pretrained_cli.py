@@ -1,10 +1,7 @@
 """config.model.pretrained: eval, ptq, generate and fine-tuning start from a pretrained checkpoint
-(the tiny golden Llama of tests/data/pretrained), with train.py's generate mode in a subprocess."""
+(the tiny golden Llama of tests/data/pretrained)."""
 
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -60,32 +57,14 @@ def test_eval_ptq_and_fine_tuning_start_from_the_pretrained_weights(tmp_path, ca
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(tuned), jax.device_get(state.params))
 
 
-def test_generate_mode_prints_text_and_speed(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "--config=" + str(ROOT / "configs/shakespeare_tiny.py") + ":runlocal",
-            f"--workdir={tmp_path}",
-            "--mode=generate",
-            f"--config.model.pretrained={CHECKPOINT}",
-            "--config.generate.prompt=To be, or not",
-            "--config.generate.temperature=0.0",
-            "--config.generate.quant=int8",
-            "--config.generate.kv_cache=int8",
-        ],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.startswith("To be, or not")
-    assert "[int8 (RTN, served) weights, int8 KV cache: 8 tokens;" in out.stdout
-    assert "tokens/s" in out.stdout
+def test_generate_mode_prints_text_and_speed(tmp_path, capsys):
+    """``train.py --mode=generate`` calls ``trainer.generate_text`` (in-process here)."""
+    c = _config(tmp_path, prompt="To be, or not", temperature=0.0, quant="int8", kv_cache="int8")
+    out = trainer.generate_text(c, tmp_path / "gen")
+    printed = capsys.readouterr().out
+    assert printed.startswith("To be, or not" + out.text[0])
+    assert f"[int8 (RTN, served) weights, int8 KV cache: {len(out.tokens[0])} tokens;" in printed
+    assert "tokens/s" in printed and len(out.tokens[0]) <= c.generate.max_new_tokens
 
 
 def test_generate_mode_without_weights_names_the_fix(tmp_path):

@@ -133,7 +133,10 @@ def test_optimizer_and_state_format_are_chosen_by_config(tmp_path, overrides):
     assert quantized and bits == {cfg.optim.state_bits}
 
 
-@pytest.mark.parametrize("averaging", ["ema", "lawa"])
+@pytest.mark.parametrize(
+    "averaging",
+    ["ema", pytest.param("lawa", marks=pytest.mark.slow)],  # LAWA itself: optim/test_averaging
+)
 def test_weight_averaging_is_trained_sharded_and_evaluated(tmp_path, averaging):
     cfg = _config(**{"optim.averaging": averaging, "optim.schedule": "constant"})
     cfg.optim.lawa_every = 2

@@ -39,7 +39,16 @@ def test_the_figures_cover_every_method_of_the_report():
     assert set(FIGURES) == set(rd.VQ_METHODS)
 
 
-@pytest.mark.parametrize("name", [m for m in FIGURES if m not in FULL_SAMPLE])
+# The 256-state trellises' Viterbi takes 7-10 s each: slow run (their codes are tested in
+# test_trellis.py, their figures by the rate-distortion report).
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(m, marks=pytest.mark.slow) if m.startswith("trellis") else m
+        for m in FIGURES
+        if m not in FULL_SAMPLE
+    ],
+)
 def test_gaussian_mse_on_a_fresh_sample_is_within_two_percent_of_benchmarks(name):
     (row,) = rd.vq_rate_distortion_rows([name], seed=1, shape=(2048, 64))
     assert row["mse"] == pytest.approx(FIGURES[name], rel=0.02)

@@ -269,7 +269,14 @@ def _dequantized(params, quant):
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
-@pytest.mark.parametrize("recipe", [RECIPES["kmeans_d4_b8"], VQ(format=KMeans(2, 4), rotate=True)])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        RECIPES["kmeans_d4_b8"],
+        # rotated: its matmul is test_vqarray_dequantizes_by_its_equation_and_its_matmul_matches'
+        pytest.param(VQ(format=KMeans(2, 4), rotate=True), marks=pytest.mark.slow),
+    ],
+)
 def test_served_vq_model_goes_through_codebook_matmul_and_equals_dequantized(
     llama, recipe, monkeypatch
 ):
@@ -498,19 +505,31 @@ def _auto_mesh(shape, names):
 
 
 # (quantizer name, weight shape, mesh shape, weight spec, codes split on K, codes split on N)
+# Cases in the slow run repeat a layout another case covers (replicated, or the same split).
 SHARDING_CASES = [
     ("kmeans_d2_b6", (512, 64), (8,), ("x", None), True, False),  # bit-packed codes
     ("kmeans_d2_b6", (512, 64), (8,), (None, "x"), False, True),  # 8 codes: 6 bytes a device
-    ("kmeans_d2_b6", (512, 64), (8,), (None, None), False, False),
+    pytest.param(
+        *("kmeans_d2_b6", (512, 64), (8,), (None, None), False, False), marks=pytest.mark.slow
+    ),
     ("kmeans_d2_b6", (512, 24), (8,), (None, "x"), False, False),  # 3 codes: not whole bytes
     ("kmeans_d1_b3_g32", (512, 64), (2, 4), ("x", "y"), True, True),
-    ("kmeans_d1_b3_g32", (512, 40), (2, 4), (("x", "y"), None), True, False),
+    pytest.param(
+        *("kmeans_d1_b3_g32", (512, 40), (2, 4), (("x", "y"), None), True, False),
+        marks=pytest.mark.slow,
+    ),
     ("e8p2_rht_g64", (512, 64), (8,), ("x", None), True, False),  # rotated
-    ("e8p2_rht_g64", (512, 64), (8,), (None, "x"), False, True),
-    ("e8p2_rht_g64", (512, 64), (8,), (None, None), False, False),
+    pytest.param(
+        *("e8p2_rht_g64", (512, 64), (8,), (None, "x"), False, True), marks=pytest.mark.slow
+    ),
+    pytest.param(
+        *("e8p2_rht_g64", (512, 64), (8,), (None, None), False, False), marks=pytest.mark.slow
+    ),
     ("e8p2_rht_g64", (512, 3, 8), (8,), ("x", None, None), True, False),
     ("kmeans_d2_b6_rht", (512, 64), (2, 4), ("y", "x"), True, True),  # packed and rotated
-    ("kmeans_d4_b8_cb2", (512, 64), (8,), (None, "x"), False, False),  # 4 columns of 32
+    pytest.param(
+        *("kmeans_d4_b8_cb2", (512, 64), (8,), (None, "x"), False, False), marks=pytest.mark.slow
+    ),  # 4 columns of 32
     ("kmeans_d4_b8_cb2", (512, 64), (2, 4), (None, "x"), False, True),  # 32 columns of 32
     ("trellis2_t64", (512, 64), (8,), ("x", None), True, False),
     ("pvq_n8_k6_b1", (512, 40), (8,), (None, "x"), False, True),
