@@ -503,7 +503,10 @@ def _load_gguf(path: str, *, dtype: str, mesh, tokenizer) -> Pretrained:
         else:
             by_hf[hf] = t
     config = dataclasses.replace(config, tie_embeddings="lm_head.weight" not in by_hf)
+    # llama.cpp stores the llama architecture's query/key rows in interleaved-RoPE order (its
+    # converter permutes them); qwen2 uses half-split RoPE there too and is stored as is
     rope_heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}
+    interleaved = fields["general.architecture"] == "llama"
 
     def get(name):
         t = by_hf.get(name)
@@ -518,7 +521,7 @@ def _load_gguf(path: str, *, dtype: str, mesh, tokenizer) -> Pretrained:
             ) from e
         w = np.asarray(w, np.float32).reshape([int(n) for n in reversed(t.shape)])
         proj = name.rsplit(".", 2)[-2] if name.startswith("model.layers.") else ""
-        if config.qkv_bias is False and proj in rope_heads:  # llama.cpp's interleaved RoPE rows
+        if interleaved and proj in rope_heads:
             w = unpermute_rope_rows(w, rope_heads[proj])
         return w
 
