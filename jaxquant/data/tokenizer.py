@@ -17,6 +17,7 @@ import abc
 import io
 import math
 import os
+import re
 
 import numpy as np
 
@@ -372,6 +373,152 @@ GGUF_PRE_TOKENIZERS = {
 }
 
 
+def _byte_level_tokenizer_from_gguf(fields: dict, tokens: list, types: list):
+    """A byte-level BPE ``tokenizers.Tokenizer`` from a ``'gpt2'`` GGUF vocabulary."""
+    tk = _import_tokenizers()
+    pre = fields.get("tokenizer.ggml.pre", "default")
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise ValueError(
+            f"GGUF tokenizer.ggml.pre={pre!r}: unknown pre-tokenizer (known: "
+            f"{sorted(GGUF_PRE_TOKENIZERS)}); pass the model's tokenizer.json instead "
+            "(load_pretrained(..., tokenizer=PATH))."
+        )
+    if "tokenizer.ggml.merges" not in fields:
+        raise ValueError("GGUF tokenizer.ggml.model='gpt2' without tokenizer.ggml.merges.")
+    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    model = tk.models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
+    tokenizer = tk.Tokenizer(model)
+    split, digits = GGUF_PRE_TOKENIZERS[pre]
+    steps = [tk.pre_tokenizers.Digits(individual_digits=True)] if digits else []
+    steps += [
+        tk.pre_tokenizers.Split(tk.Regex(split), behavior="isolated"),
+        tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ]
+    tokenizer.pre_tokenizer = tk.pre_tokenizers.Sequence(steps)
+    tokenizer.decoder = tk.decoders.ByteLevel()
+    pairs = list(zip(tokens, types, strict=True))
+    tokenizer.add_special_tokens([tk.AddedToken(t, special=True) for t, k in pairs if k == 3])
+    tokenizer.add_tokens([tk.AddedToken(t, special=False) for t, k in pairs if k == 4])
+    return tokenizer
+
+
+def spm_merges(tokens: list[str], scores, mergeable) -> list[tuple[str, str]]:
+    """BPE merges of a SentencePiece vocabulary, ranked by the merged piece's score.
+
+    SentencePiece's BPE encoder repeatedly joins the adjacent pair whose concatenation is the
+    piece of highest score; a ranked merge list says the same to a BPE that applies the
+    lowest-ranked pair first. As transformers' SentencePiece converter derives it: every split
+    ``(l, r)`` of a piece whose halves are both in the vocabulary is a merge, ranked by the
+    piece's score (descending), ties by the halves' ids. Only ``mergeable`` ids (normal and
+    user-defined pieces) are merge results, as in SentencePiece itself, where control, byte
+    and unknown pieces never come out of a merge.
+
+    Args:
+      tokens: the pieces, by id.
+      scores: float ``[len(tokens)]``: each piece's score (log probability or ``-rank``).
+      mergeable: bool ``[len(tokens)]``: the ids a merge may produce.
+
+    Returns:
+      The merges ``[(left, right), ...]``, highest priority first.
+    """
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for i, piece in enumerate(tokens):
+        if not mergeable[i]:
+            continue
+        local = [
+            (vocab[piece[:k]], vocab[piece[k:]])
+            for k in range(1, len(piece))
+            if piece[:k] in vocab and piece[k:] in vocab
+        ]
+        merges.extend((-float(scores[i]), left, right) for left, right in sorted(local))
+    merges.sort(key=lambda m: m[0])  # stable: ties keep the halves' id order
+    return [(tokens[left], tokens[right]) for _, left, right in merges]
+
+
+def spm_tokenizer_from_gguf(fields: dict, tokens: list, types: list):
+    """A ``tokenizers.Tokenizer`` for a SentencePiece (``'llama'``) GGUF vocabulary.
+
+    It tokenizes as llama.cpp's SPM tokenizer and the Hugging Face Llama 2 fast tokenizer do:
+    spaces become ``▁`` and, with ``tokenizer.ggml.add_space_prefix`` (default True), one
+    ``▁`` is put before the text (and after each special token); BPE over the characters with
+    the merges of ``spm_merges``; a character outside the vocabulary is spelled by its UTF-8
+    byte pieces ``<0xNN>`` (or ``<unk>`` without them). Decoding turns ``▁`` back into spaces,
+    byte pieces into their bytes, and drops the prefix space. Control and unknown pieces are
+    special tokens (``decode`` skips them), user-defined pieces are matched in the text as is.
+    """
+    tk = _import_tokenizers()
+    if "tokenizer.ggml.scores" not in fields:
+        raise ValueError("GGUF tokenizer.ggml.model='llama' without tokenizer.ggml.scores.")
+    scores = list(fields["tokenizer.ggml.scores"])
+    if len(scores) != len(tokens):
+        raise ValueError(
+            f"GGUF: {len(tokens)} tokens but {len(scores)} scores: a corrupt vocabulary."
+        )
+    if len(set(tokens)) != len(tokens):
+        raise ValueError("GGUF tokenizer.ggml.tokens: a piece occurs twice; a corrupt vocabulary.")
+    unk = fields.get("tokenizer.ggml.unknown_token_id")
+    unk_piece = None
+    if unk is not None:
+        unk_piece = tokens[int(unk)]
+    elif 2 in types:
+        unk_piece = tokens[types.index(2)]
+    merges = spm_merges(tokens, scores, [t in (1, 4) for t in types])
+    has_bytes = 6 in types
+    model = tk.models.BPE(
+        vocab={t: i for i, t in enumerate(tokens)},
+        merges=merges,
+        unk_token=unk_piece,
+        fuse_unk=True,
+        byte_fallback=has_bytes,
+    )
+    tokenizer = tk.Tokenizer(model)
+    prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", True))
+    replace = tk.normalizers.Replace(" ", _SPM_SPACE)
+    tokenizer.normalizer = (
+        tk.normalizers.Sequence([tk.normalizers.Prepend(_SPM_SPACE), replace])
+        if prefix
+        else replace
+    )
+    steps = [tk.decoders.Replace(_SPM_SPACE, " ")]
+    steps += [tk.decoders.ByteFallback()] if has_bytes else []
+    steps += [tk.decoders.Fuse()]
+    steps += [tk.decoders.Strip(content=" ", left=1, right=0)] if prefix else []
+    tokenizer.decoder = tk.decoders.Sequence(steps)
+    pairs = list(zip(tokens, types, strict=True))
+    tokenizer.add_special_tokens(
+        [tk.AddedToken(t, special=True, normalized=False) for t, k in pairs if k in (2, 3)]
+    )
+    tokenizer.add_tokens(
+        [tk.AddedToken(t, special=False, normalized=False) for t, k in pairs if k == 4]
+    )
+    return tokenizer
+
+
+# A SentencePiece byte-fallback piece: one byte of UTF-8 text.
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _decoder_kinds(decoder) -> set:
+    """The decoder types in a ``tokenizers`` decoder (a Sequence's parts included); a
+    ``Replace`` as ``('Replace', pattern)``."""
+    if decoder is None:
+        return set()
+    import json
+
+    kinds, todo = set(), [json.loads(decoder.__getstate__())]
+    while todo:
+        d = todo.pop()
+        if d.get("type") == "Sequence":
+            todo.extend(d.get("decoders", []))
+        elif d.get("type") == "Replace":
+            kinds.add(("Replace", d.get("pattern", {}).get("String")))
+        else:
+            kinds.add(d.get("type"))
+    return kinds
+
+
 class PretrainedTokenizer(Tokenizer):
     """A pretrained model's tokenizer: a ``tokenizers.Tokenizer`` with its special tokens and chat
     template (from ``tokenizer.json`` + ``tokenizer_config.json``, or from a GGUF's metadata).
@@ -464,47 +611,33 @@ class PretrainedTokenizer(Tokenizer):
     @classmethod
     def from_gguf(cls, fields: dict, *, vocab_size: int | None = None) -> PretrainedTokenizer:
         """Builds the tokenizer from a GGUF's ``tokenizer.ggml.*`` metadata (``fields``: name to
-        value). Byte-level BPE vocabularies (``tokenizer.ggml.model == 'gpt2'``: Llama 3, Qwen2,
-        SmolLM2) are supported, with the pre-tokenizers of ``GGUF_PRE_TOKENIZERS``."""
-        tk = _import_tokenizers()
+        value), as llama.cpp tokenizes.
+
+        * ``tokenizer.ggml.model == 'gpt2'``: byte-level BPE (Llama 3, Qwen2, SmolLM2) with the
+          pre-tokenizers of ``GGUF_PRE_TOKENIZERS``; ``add_bos_token`` defaults to False.
+        * ``'llama'``: a SentencePiece BPE vocabulary (Llama 2, Mistral, TinyLlama), see
+          ``spm_tokenizer_from_gguf``; ``add_bos_token`` defaults to True, as in llama.cpp.
+
+        Other models (``'bert'``, ``'t5'``, ...) raise a ValueError naming the value.
+        """
         kind = fields.get("tokenizer.ggml.model")
-        if kind != "gpt2":
+        if kind not in ("gpt2", "llama"):
             raise ValueError(
-                f"GGUF tokenizer.ggml.model={kind!r}: only byte-level BPE ('gpt2': Llama 3, "
-                "Qwen2, SmolLM2) is read from GGUF metadata; pass the model's tokenizer.json "
-                "instead (load_pretrained(..., tokenizer=PATH))."
-            )
-        pre = fields.get("tokenizer.ggml.pre", "default")
-        if pre not in GGUF_PRE_TOKENIZERS:
-            raise ValueError(
-                f"GGUF tokenizer.ggml.pre={pre!r}: unknown pre-tokenizer (known: "
-                f"{sorted(GGUF_PRE_TOKENIZERS)}); pass the model's tokenizer.json instead "
-                "(load_pretrained(..., tokenizer=PATH))."
+                f"GGUF tokenizer.ggml.model={kind!r}: supported are 'gpt2' (byte-level BPE: "
+                "Llama 3, Qwen2, SmolLM2) and 'llama' (SentencePiece BPE: Llama 2, Mistral); pass "
+                "the model's tokenizer.json instead (load_pretrained(..., tokenizer=PATH))."
             )
         tokens = list(fields["tokenizer.ggml.tokens"])
         types = list(fields.get("tokenizer.ggml.token_type", [1] * len(tokens)))
-        merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
-        vocab = {t: i for i, t in enumerate(tokens)}
-        model = tk.models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
-        tokenizer = tk.Tokenizer(model)
-        split, digits = GGUF_PRE_TOKENIZERS[pre]
-        steps = [tk.pre_tokenizers.Digits(individual_digits=True)] if digits else []
-        steps += [
-            tk.pre_tokenizers.Split(tk.Regex(split), behavior="isolated"),
-            tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-        tokenizer.pre_tokenizer = tk.pre_tokenizers.Sequence(steps)
-        tokenizer.decoder = tk.decoders.ByteLevel()
         # GGUF token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
         if len(types) != len(tokens):
             raise ValueError(
                 f"GGUF: {len(tokens)} tokens but {len(types)} token types: a corrupt vocabulary."
             )
-        pairs = list(zip(tokens, types, strict=True))
-        special = [tk.AddedToken(t, special=True) for t, k in pairs if k == 3]
-        added = [tk.AddedToken(t, special=False) for t, k in pairs if k == 4]
-        tokenizer.add_special_tokens(special)
-        tokenizer.add_tokens(added)
+        if kind == "gpt2":
+            tokenizer = _byte_level_tokenizer_from_gguf(fields, tokens, types)
+        else:
+            tokenizer = spm_tokenizer_from_gguf(fields, tokens, types)
 
         def get_id(name):
             v = fields.get(f"tokenizer.ggml.{name}_token_id")
@@ -520,7 +653,7 @@ class PretrainedTokenizer(Tokenizer):
             bos_id=bos,
             eos_ids=tuple(eos_ids),
             chat_template=fields.get("tokenizer.chat_template"),
-            add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+            add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", kind == "llama")),
             vocab_size=vocab_size,
             special_tokens={
                 k: tokens[i] for k, i in (("bos_token", bos), ("eos_token", eos)) if i is not None
@@ -543,17 +676,31 @@ class PretrainedTokenizer(Tokenizer):
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
     def token_bytes(self) -> np.ndarray:
-        """UTF-8 bytes per id: byte-level BPE pieces are counted exactly from their byte alphabet;
-        special (added) tokens and ids past the tokenizer's vocabulary count 0."""
-        alphabet = _byte_level_alphabet()
+        """UTF-8 bytes per id, exact for the two vocabularies pretrained models use.
+
+        Byte-level BPE (a ``ByteLevel`` decoder): each piece counts the bytes its alphabet spells.
+        SentencePiece-style (spaces as ``▁``, ``<0xNN>`` byte pieces: a BPE with byte fallback
+        or a decoder that maps ``▁`` to a space): a byte piece counts 1, any other piece its
+        UTF-8 length with each ``▁`` one space byte (so the prefix space that the tokenizer puts
+        before a text counts too). Other vocabularies: the UTF-8 length of the decoded piece.
+        Special (added) tokens and ids past the tokenizer's vocabulary count 0.
+        """
+        kinds = _decoder_kinds(self.tokenizer.decoder)
+        byte_fallback = bool(getattr(self.tokenizer.model, "byte_fallback", False))
+        spm = byte_fallback or "Metaspace" in kinds or ("Replace", _SPM_SPACE) in kinds
+        alphabet = _byte_level_alphabet() if "ByteLevel" in kinds else None
         out = np.zeros(self.vocab_size, np.int32)
         added = {int(i) for i in self.tokenizer.get_added_tokens_decoder()}
         for piece, i in self.tokenizer.get_vocab(with_added_tokens=False).items():
             if i in added or i >= self.vocab_size:
                 continue
-            if all(ch in alphabet for ch in piece):
+            if alphabet is not None and all(ch in alphabet for ch in piece):
                 out[i] = len(piece)
-            else:  # not a byte-level vocabulary: the decoded text of the piece
+            elif spm and byte_fallback and _BYTE_PIECE.fullmatch(piece):
+                out[i] = 1
+            elif spm:
+                out[i] = len(piece.replace(_SPM_SPACE, " ").encode("utf-8"))
+            else:
                 out[i] = len(self.tokenizer.decode([i]).encode("utf-8"))
         return out
 

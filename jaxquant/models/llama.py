@@ -44,22 +44,49 @@ class RopeScaling:
     ``kind='llama3'`` (Llama 3.1+): wavelengths longer than ``original_context /
     low_freq_factor`` are divided by ``factor``, those shorter than ``original_context /
     high_freq_factor`` kept, and those between interpolated. ``kind='linear'``: every frequency
-    divided by ``factor`` (position interpolation).
+    divided by ``factor`` (position interpolation). ``kind='factors'``: frequency ``i`` divided
+    by ``factors[i]`` (one per rotated pair, ``head_dim // 2`` of them), as a GGUF's
+    ``rope_freqs.weight`` stores Llama 3.1 scaling; ``factor`` is then unused (None).
     """
 
     kind: str
-    factor: float
+    factor: float | None = None
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_context: int = 8192
+    factors: tuple[float, ...] | None = None
 
     def __post_init__(self):
-        if self.kind not in ("llama3", "linear"):
+        if self.kind not in ("llama3", "linear", "factors"):
             raise ValueError(
-                f"RopeScaling kind={self.kind!r}: supported are 'llama3' and 'linear' "
+                f"RopeScaling kind={self.kind!r}: supported are 'llama3', 'linear' and 'factors' "
                 "(dynamic NTK, YaRN and LongRoPE are not implemented)."
             )
-        if not self.factor > 0:
+        if self.kind == "factors":
+            if self.factor is not None:
+                raise ValueError(
+                    f"RopeScaling factor={self.factor}: kind='factors' divides each frequency "
+                    "by its own entry of factors; leave factor=None."
+                )
+            if self.factors is None or len(self.factors) == 0:
+                raise ValueError(
+                    "RopeScaling factors: kind='factors' needs one divisor per frequency."
+                )
+            # a list (e.g. from JSON) becomes a tuple of floats, so the config stays hashable
+            values = tuple(float(f) for f in self.factors)
+            bad = [f for f in values if not (math.isfinite(f) and f > 0)]
+            if bad:
+                raise ValueError(
+                    f"RopeScaling factors: {len(bad)} value(s) not finite and positive "
+                    f"(e.g. {bad[0]}); every frequency divisor must be > 0."
+                )
+            object.__setattr__(self, "factors", values)
+            return
+        if self.factors is not None:
+            raise ValueError(
+                f"RopeScaling factors: only kind='factors' takes them, not kind={self.kind!r}."
+            )
+        if self.factor is None or not self.factor > 0:
             raise ValueError(f"RopeScaling factor={self.factor}: expected > 0.")
         if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
             raise ValueError(
@@ -122,6 +149,12 @@ class LlamaConfig:
             raise TypeError(
                 f"LlamaConfig rope_scaling={self.rope_scaling!r}: expected a RopeScaling or None."
             )
+        s = self.rope_scaling
+        if s is not None and s.kind == "factors" and len(s.factors) != hd // 2:
+            raise ValueError(
+                f"LlamaConfig rope_scaling: {len(s.factors)} frequency factors, but head_dim={hd} "
+                f"rotates {hd // 2} frequencies."
+            )
 
     @property
     def resolved_head_dim(self) -> int:
@@ -145,7 +178,14 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = 
     Computed in float64 numpy (as constants), then rounded once to float32.
     """
     freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    if scaling is not None and scaling.kind == "linear":
+    if scaling is not None and scaling.kind == "factors":
+        if len(scaling.factors) != freq.size:
+            raise ValueError(
+                f"RopeScaling factors: {len(scaling.factors)} divisors for head_dim={head_dim}, "
+                f"which rotates {freq.size} frequencies."
+            )
+        freq = freq / np.asarray(scaling.factors, np.float64)
+    elif scaling is not None and scaling.kind == "linear":
         freq = freq / scaling.factor
     elif scaling is not None:  # llama3
         s = scaling

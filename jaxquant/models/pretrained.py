@@ -15,8 +15,10 @@ Formats:
   * a GGUF file (``llama`` or ``qwen2`` architecture), read with the ``gguf`` package; quantized
     tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantized by ``gguf.quants.dequantize`` to
     float32, the query/key rows brought back from llama.cpp's interleaved-RoPE order to the
-    model's half-split order, the tokenizer built from the metadata. Note that a quantized GGUF's
-    "float" model is its dequantized values, not the original weights.
+    model's half-split order, the tokenizer built from the metadata (byte-level BPE or
+    SentencePiece), ``rope_freqs.weight`` (Llama 3.1+ RoPE scaling) read as per-frequency
+    divisors. Note that a quantized GGUF's "float" model is its dequantized values, not the
+    original weights.
 
 Weight layout (Hugging Face name -> jaxquant param; ``W`` is ``[out, in]`` as torch stores it):
   ``model.embed_tokens.weight [V, D]``       -> ``embed/embedding [V, D]``
@@ -45,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.data.tokenizer import PretrainedTokenizer
-from jaxquant.models.llama import Llama, LlamaConfig, RopeScaling
+from jaxquant.models.llama import Llama, LlamaConfig, RopeScaling, rope_frequencies
 from jaxquant.nn.partitioning import logical_to_shardings
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -132,8 +134,119 @@ def config_from_hf(cfg: dict, *, dtype: str = "float32") -> LlamaConfig:
     )
 
 
+# Relative tolerance on the RoPE frequencies when a GGUF's per-frequency divisors are written back
+# as Hugging Face parameters: the divisors are stored in float32 (2**-24 relative) from
+# frequencies llama.cpp's converter computes in float32, so equal scalings differ by a few ulps.
+_ROPE_RECOVERY_RTOL = 1e-6
+
+
+def _llama3_wavelengths(f: np.ndarray, u: np.ndarray, factor: float) -> list[tuple[float, float]]:
+    """Candidate wavelength bounds ``(L, H)`` of Llama 3 scaling for divisors ``f`` at inverse
+    wavelengths ``u`` (decreasing), ``factor`` the largest divisor; see
+    ``hf_rope_scaling_from_factors``, which checks each."""
+    kept = np.isclose(f, 1.0, rtol=_ROPE_RECOVERY_RTOL, atol=0)
+    divided = np.isclose(f, factor, rtol=_ROPE_RECOVERY_RTOL, atol=0)
+    between = ~kept & ~divided
+    if not factor > 1:
+        return []
+    # in 1 / wavelength: divided below 1 / L, kept above 1 / H, and between them the
+    # interpolation weight s = (u - 1/L) / (1/H - 1/L), a line
+    smooth = (1 / f[between] - 1 / factor) / (1 - 1 / factor)
+    u_divided = u[divided].max() if divided.any() else 0.0
+    u_kept = u[kept].min() if kept.any() else np.inf
+    if between.sum() >= 2:
+        slope, intercept = np.polyfit(u[between], smooth, 1)
+        if not slope > 0:
+            return []
+        return [(-slope / intercept, slope / (1 - intercept))]
+    if between.sum() == 1:
+        (u_m,), (s_m,) = u[between], smooth
+        # with L / H = 4 (every Llama 3.x); else 1 / L halfway through the feasible range
+        candidates = [((3 * s_m + 1) / u_m, (3 * s_m + 1) / u_m / 4)]
+        lo = max(u_divided, (u_m - u_kept * s_m) / (1 - s_m) if np.isfinite(u_kept) else 0.0)
+        if lo < u_m:
+            u_long = (lo + u_m) / 2
+            candidates.append((1 / u_long, 1 / (u_long + (u_m - u_long) / s_m)))
+        return candidates
+    if not (kept.any() and divided.any()) or u_kept <= u_divided:
+        return []
+    # a step: H and L in the gap between the longest kept and the shortest divided wavelength;
+    # L / H = 4 with L a power of two (else a whole number) when that fits, else thirds of the gap
+    lo, hi = 4 / u_kept, 1 / u_divided
+    powers = [2.0**k for k in range(int(np.log2(hi)) + 1) if lo < 2.0**k <= hi]
+    whole = powers[-1] if powers else float(round((lo + hi) / 2))
+    gap = u_kept / u_divided
+    thirds = (gap ** (2 / 3) / u_kept, gap ** (1 / 3) / u_kept)
+    return ([(whole, whole / 4)] if lo < whole <= hi else []) + [thirds]
+
+
+def hf_rope_scaling_from_factors(factors, head_dim: int, theta: float) -> RopeScaling | None:
+    """The ``linear`` or ``llama3`` ``RopeScaling`` whose frequencies equal
+    ``inv_freq_i / factors[i]`` (None when every divisor is 1), or a ValueError.
+
+    llama.cpp's converter turns Llama 3.1 scaling into divisors ``f_i``: 1 for wavelengths
+    ``w_i = 2π / inv_freq_i`` below ``H = original_context / high_freq_factor``, ``factor``
+    above ``L = original_context / low_freq_factor``, and ``1 / ((1 - s_i) / factor + s_i)``
+    between, with ``s_i = (L / w_i - 1) / (L / H - 1)``, a line in ``1 / w_i``. This reads
+    ``factor`` off the plateau and ``L``, ``H`` off that line: fitted through two or more
+    interpolated frequencies; through one, or none, the data fix the frequencies but not
+    ``L`` and ``H``, which are then chosen with ``L / H = 4`` (every Llama 3.x) when that fits,
+    else anywhere consistent. Only ``L`` and ``H`` matter, so ``low_freq_factor = 1`` and
+    ``original_context = L`` when ``L`` is a whole number. The result is returned only if its
+    frequencies equal the divisors' within float32 storage (relative 1e-6); otherwise no
+    Hugging Face config states this model.
+    """
+    f = np.asarray(factors, np.float64)
+    freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if f.shape != freq.shape:
+        raise ValueError(
+            f"RoPE factors: {f.size} divisors for head_dim={head_dim} ({freq.size} frequencies)."
+        )
+    target = freq / f
+
+    def same(scaling):
+        got = rope_frequencies(head_dim, theta, scaling).astype(np.float64)
+        return np.allclose(got, target, rtol=_ROPE_RECOVERY_RTOL, atol=0)
+
+    if np.allclose(f, 1.0, rtol=_ROPE_RECOVERY_RTOL, atol=0):
+        return None
+    if np.allclose(f, f[0], rtol=_ROPE_RECOVERY_RTOL, atol=0):
+        linear = RopeScaling(kind="linear", factor=float(np.float32(f[0])))
+        if same(linear):
+            return linear
+    factor = float(f.max())
+    for long_wavelen, short_wavelen in _llama3_wavelengths(f, freq / (2 * np.pi), factor):
+        if not (long_wavelen > short_wavelen > 0 and np.isfinite(long_wavelen)):
+            continue
+        context, ratio = max(1, round(long_wavelen)), long_wavelen / short_wavelen
+        # round parameters first (a converted Llama 3.x gives back 1 and 4); else exact ratios
+        exact = context / long_wavelen
+        for low, high in ((1.0, float(f"{ratio:.6g}")), (exact, exact * ratio)):
+            if not high > low:
+                continue
+            scaling = RopeScaling(
+                kind="llama3",
+                factor=float(f"{factor:.7g}"),
+                low_freq_factor=low,
+                high_freq_factor=high,
+                original_context=context,
+            )
+            if same(scaling):
+                return scaling
+    raise ValueError(
+        f"RoPE factors {np.round(f, 4).tolist()} (per-frequency divisors, e.g. a GGUF's "
+        "rope_freqs.weight) are neither one linear factor nor Llama 3 scaling, so Hugging Face's "
+        "config.json cannot state them; save_safetensors cannot write this model."
+    )
+
+
 def config_to_hf(config: LlamaConfig) -> dict:
-    """The Hugging Face ``config.json`` dict of ``config`` (``config_from_hf``'s inverse)."""
+    """The Hugging Face ``config.json`` dict of ``config`` (``config_from_hf``'s inverse).
+
+    Per-frequency RoPE divisors (``RopeScaling(kind='factors')``, read from a GGUF's
+    ``rope_freqs.weight``) are written as the ``linear`` or ``llama3`` scaling that gives the
+    same frequencies (``hf_rope_scaling_from_factors``); a ValueError when none does.
+    """
     kind = "qwen2" if config.qkv_bias else "mistral" if config.sliding_window else "llama"
     arch = {
         "llama": "LlamaForCausalLM",
@@ -157,8 +270,10 @@ def config_to_hf(config: LlamaConfig) -> dict:
         "max_position_embeddings": config.max_seq_len or 4096,
         "torch_dtype": "float32",
     }
-    if config.rope_scaling is not None:
-        s = config.rope_scaling
+    s = config.rope_scaling
+    if s is not None and s.kind == "factors":
+        s = hf_rope_scaling_from_factors(s.factors, config.resolved_head_dim, config.rope_theta)
+    if s is not None:
         cfg["rope_scaling"] = {"rope_type": s.kind, "factor": s.factor}
         if s.kind == "llama3":
             cfg["rope_scaling"].update(
@@ -429,8 +544,20 @@ def _field_value(field):
         return field.parts[field.data[0]].tolist()[0]
 
 
-def config_from_gguf(fields: dict, *, dtype: str = "float32", num_tokens: int | None = None):
-    """A ``LlamaConfig`` from GGUF metadata (``fields``: name -> value)."""
+def config_from_gguf(
+    fields: dict,
+    *,
+    dtype: str = "float32",
+    num_tokens: int | None = None,
+    rope_factors=None,
+):
+    """A ``LlamaConfig`` from GGUF metadata (``fields``: name -> value).
+
+    ``rope_factors``: the file's ``rope_freqs.weight`` (float ``[head_dim // 2]``), llama.cpp's
+    per-frequency RoPE divisors (Llama 3.1+ scaling): frequency ``i`` becomes
+    ``inv_freq_i / rope_factors[i]``, as ``RopeScaling(kind='factors')``; combined with a
+    ``linear`` scaling type they multiply, as llama.cpp applies both.
+    """
     arch = fields.get("general.architecture")
     if arch not in _GGUF_ARCHS:
         raise ValueError(
@@ -460,6 +587,22 @@ def config_from_gguf(fields: dict, *, dtype: str = "float32", num_tokens: int | 
         )
     elif scaling not in (None, "none"):
         raise ValueError(f"GGUF {arch}.rope.scaling.type={scaling!r}: unsupported.")
+    if rope_factors is not None:
+        divisors = np.asarray(rope_factors, np.float64).reshape(-1)
+        half = (head_dim or embed // heads) // 2
+        if divisors.size != half:
+            raise ValueError(
+                f"GGUF rope_freqs.weight has {divisors.size} values; head dimension "
+                f"{2 * half} rotates {half} frequencies."
+            )
+        if not (np.isfinite(divisors).all() and (divisors > 0).all()):
+            raise ValueError(
+                "GGUF rope_freqs.weight holds values that are not finite and positive: "
+                f"{divisors.tolist()}."
+            )
+        if rope_scaling is not None:  # linear: llama.cpp multiplies the two
+            divisors = divisors * rope_scaling.factor
+        rope_scaling = RopeScaling(kind="factors", factors=tuple(divisors.tolist()))
     vocab = fields.get(f"{arch}.vocab_size", num_tokens)
     if vocab is None:
         raise ValueError("GGUF: neither the vocabulary size nor tokenizer.ggml.tokens is given.")
@@ -489,14 +632,20 @@ def _load_gguf(path: str, *, dtype: str, mesh, tokenizer) -> Pretrained:
     reader = gguf.GGUFReader(path)
     fields = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     tokens = fields.get("tokenizer.ggml.tokens")
-    config = config_from_gguf(fields, dtype=dtype, num_tokens=len(tokens) if tokens else None)
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise ValueError(
-            f"{path}: holds rope_freqs.weight (Llama 3.1 RoPE scaling as frequency factors), "
-            "which the GGUF reader does not support yet; load the Hugging Face checkpoint."
-        )
+    rope_factors = None
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            rope_factors = gguf.quants.dequantize(t.data, t.tensor_type)
+    config = config_from_gguf(
+        fields,
+        dtype=dtype,
+        num_tokens=len(tokens) if tokens else None,
+        rope_factors=rope_factors,
+    )
     by_hf = {}
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            continue  # read into the config above
         hf = gguf_to_hf_name(t.name)
         if hf is None:
             by_hf[t.name] = t  # reported as unused
