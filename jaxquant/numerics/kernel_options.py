@@ -16,15 +16,16 @@ import contextlib
 import contextvars
 import dataclasses
 
-IMPLEMENTATIONS = (None, "xla", "tpu", "gpu")
+IMPLEMENTATIONS = (None, "xla", "tpu", "gpu", "cpu")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KernelOptions:
     """Attributes:
     enabled: False always dequantizes, then multiplies (no Pallas kernel).
-    implementation: None picks by backend; ``'xla'`` (the kernel's reference), ``'tpu'`` or
-      ``'gpu'`` force one.
+    implementation: None picks by backend; ``'xla'`` (the kernel's reference), ``'tpu'``,
+      ``'gpu'`` or ``'cpu'`` (the C++ kernel of ``quantized_matmul``, which serves decoding
+      on CPU; ops without one run their reference) force one.
     interpret: run the Pallas kernel in interpret mode (CPU tests).
     """
 

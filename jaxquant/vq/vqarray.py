@@ -125,7 +125,10 @@ class VQArray(QuantizedTensor):
         if self.rotated:
             s_in, s_out = self.signs()
             x2 = rotation.rotate_input(x2.astype(jnp.float32), s_in).astype(x2.dtype)
-        y = _lookup_matmul(x2, self, options.implementation, options.interpret)
+        # codebook_matmul has no CPU kernel: kernel_options(implementation='cpu') (which picks
+        # quantized_matmul's) runs its reference, which is what XLA's CPU backend runs anyway.
+        implementation = "xla" if options.implementation == "cpu" else options.implementation
+        y = _lookup_matmul(x2, self, implementation, options.interpret)
         if y is None:
             w = self.rotated_matrix()
             y = jnp.matmul(x2.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)

@@ -6,11 +6,13 @@ describe the kernels.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import dispatch
-from pallas_kernels.quantized_matmul import gpu, tpu
+from pallas_kernels.quantized_matmul import cpu, gpu, tpu
 from pallas_kernels.quantized_matmul.reference import (
     Problem,
     check_args,
@@ -26,10 +28,67 @@ GPU_BLOCK_M, GPU_BLOCK_N, GPU_BLOCK_K = 64, 128, 64
 IMPLEMENTATIONS = dispatch.IMPLEMENTATIONS
 
 
+_warned = set()
+
+
 def _pick(implementation, interpret, p: Problem) -> str:
+    cpu_ok = cpu.supports(p)
+    if cpu_ok and implementation is None and not interpret and jax.default_backend() == "cpu":
+        reason = cpu.unavailable_reason()  # builds the kernel on the first call
+        if reason is not None:
+            cpu_ok = False
+            if not cpu.disabled_on_purpose() and reason not in _warned:
+                _warned.add(reason)
+                warnings.warn(
+                    f"quantized_matmul: the CPU kernel is unavailable ({reason}), so served "
+                    "quantized matmuls on CPU dequantize the whole weight, then multiply "
+                    "(slower than the float model when decoding). Install a C++ compiler, or "
+                    f"set {cpu.ENV_DISABLE}=0 to choose the reference without this warning.",
+                    stacklevel=4,
+                )
     return dispatch.pick_implementation(
-        "quantized_matmul", implementation, interpret, tpu_ok=tpu.supports(p)
+        "quantized_matmul", implementation, interpret, tpu_ok=tpu.supports(p), cpu_ok=cpu_ok
     )
+
+
+def _cpu_kernel(p: Problem, kwargs: dict):
+    """The CPU kernel, differentiable: its VJP is the reference's (a linear map of ``x``; the
+    float scales, tensor scale and table get the reference's cotangents too)."""
+
+    @jax.custom_vjp
+    def f(x, codes, scales, zeros, tensor_scale, lut):
+        return cpu.quantized_matmul_cpu(
+            x, codes, scales, zeros, p=p, tensor_scale=tensor_scale, lut=lut
+        )
+
+    def fwd(*args):
+        return f(*args), args
+
+    def bwd(args, dy):
+        diff = [
+            i
+            for i, a in enumerate(args)
+            if a is not None and jnp.issubdtype(jnp.result_type(a), jnp.floating)
+        ]
+
+        def reference(*values):
+            full = list(args)
+            for i, v in zip(diff, values, strict=True):
+                full[i] = v
+            x, codes, scales, zeros, tensor_scale, lut = full
+            rest = {k: v for k, v in kwargs.items() if k not in ("tensor_scale", "lut")}
+            return quantized_matmul_reference(
+                x, codes, scales, zeros, tensor_scale=tensor_scale, lut=lut, **rest
+            )
+
+        _, vjp = jax.vjp(reference, *[args[i] for i in diff])
+        out = [None] * len(args)
+        for i, ct in zip(diff, vjp(dy), strict=True):
+            out[i] = ct
+        return tuple(out)
+
+    f.defvjp(fwd, bwd)
+    return f
 
 
 def quantized_matmul(
@@ -62,12 +121,16 @@ def quantized_matmul(
     x @ q.dequantize()`` up to float32 summation order.
 
     Implementations: ``'tpu'`` (Mosaic kernel, ``tpu.quantized_matmul_tpu``), ``'gpu'``
-    (Triton kernel, ``gpu.quantized_matmul_gpu``), ``'xla'`` (``quantized_matmul_reference``:
-    dequantize to float32, then a float32 matmul). ``None`` picks by
-    ``jax.default_backend()``: the kernel on TPU (when ``tpu.supports`` the group size) and
-    GPU, ``'xla'`` otherwise (CPU included); with ``interpret=True`` it picks the TPU kernel
-    (the GPU kernel for group sizes the TPU kernel does not take), run in Pallas interpret mode
-    on any backend. The kernels read the packed codes and dequantize in VMEM / registers.
+    (Triton kernel, ``gpu.quantized_matmul_gpu``), ``'cpu'`` (a C++ XLA FFI kernel,
+    ``cpu.quantized_matmul_cpu``, built on first use), ``'xla'``
+    (``quantized_matmul_reference``: dequantize to float32, then a float32 matmul). ``None``
+    picks by ``jax.default_backend()``: the kernel on TPU (when ``tpu.supports`` the group
+    size) and GPU; on CPU the C++ kernel for at most ``cpu.MAX_M`` rows (decoding; with a
+    warning and ``'xla'`` when it cannot be built), ``'xla'`` for more; with
+    ``interpret=True`` it picks the TPU kernel (the GPU kernel for group sizes the TPU kernel
+    does not take), run in Pallas interpret mode on any backend. The kernels read the packed
+    codes and dequantize in VMEM / registers; they are differentiable in ``x`` (the 'cpu'
+    kernel through the reference's VJP).
 
     Args:
       x: float32 or bfloat16 [M, K] activations.
@@ -84,7 +147,7 @@ def quantized_matmul(
       lut: float [2**bits], the value of each code, for ``fmt='lut'`` (e.g. NF4's 16 values).
       out_dtype: the result's dtype; default ``x.dtype``.
       interpret: run the chosen Pallas kernel in interpret mode.
-      implementation: None, ``'xla'``, ``'tpu'`` or ``'gpu'``.
+      implementation: None, ``'xla'``, ``'tpu'``, ``'gpu'`` or ``'cpu'``.
       block_m, block_n, block_k: tile sizes (``block_n`` in output columns); defaults
         ``TPU_BLOCK_*`` / ``GPU_BLOCK_*``; ignored by ``'xla'``. See ``tpu.tiles`` and
         ``gpu.tiles`` for what each kernel accepts.
@@ -127,6 +190,8 @@ def quantized_matmul(
         return quantized_matmul_reference(x, codes, scales, zeros, **kwargs)
     if p.m == 0 or p.n == 0 or p.k == 0:
         return jnp.zeros((p.m, p.n), p.out_dtype)
+    if implementation == "cpu":
+        return _cpu_kernel(p, kwargs)(x, codes, scales, zeros, tensor_scale, lut)
     if implementation == "tpu":
         kernel, (dm, dn, dk) = tpu.quantized_matmul_tpu, (TPU_BLOCK_M, TPU_BLOCK_N, TPU_BLOCK_K)
     else:

@@ -1,5 +1,7 @@
 """The low-bit weight matmul: reference vs jaxquant's dequantize, kernels vs the reference."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ import jaxquant.numerics as jn
 from pallas_kernels import packing
 from pallas_kernels.quantized_matmul import (
     api,
+    cpu,
     decode,
     gpu,
     quantized_matmul,
@@ -157,14 +160,67 @@ def test_interpret_runs_the_gpu_kernel_for_groups_the_tpu_kernel_does_not_take()
     _assert_close(y, x @ q.dequantize(), jnp.float32, 32)
 
 
-def test_default_path_on_cpu_is_the_reference():
+@pytest.mark.skipif(cpu.find_compiler() is None, reason="no C++ compiler to build the CPU kernel")
+def test_default_path_on_cpu_is_the_cpu_kernel_for_decode_rows_and_the_reference_above():
     q = _quantized(jn.NVFP4, 64, 40, seed=3)
     (codes, scales, _), kwargs = _args(q)
-    x = _normal(4, (3, 64))
-    np.testing.assert_array_equal(
-        quantized_matmul(x, codes, scales, **kwargs),
-        quantized_matmul_reference(x, codes, scales, **kwargs),
-    )
+    for m, implementation in [(cpu.MAX_M, "cpu"), (cpu.MAX_M + 1, "xla")]:
+        x = _normal(4, (m, 64))
+        np.testing.assert_array_equal(
+            quantized_matmul(x, codes, scales, **kwargs),
+            quantized_matmul(x, codes, scales, implementation=implementation, **kwargs),
+        )
+    ref = quantized_matmul_reference(x, codes, scales, **kwargs)
+    np.testing.assert_array_equal(quantized_matmul(x, codes, scales, **kwargs), ref)
+
+
+@pytest.mark.skipif(cpu.find_compiler() is None, reason="no C++ compiler to build the CPU kernel")
+def test_cpu_kernel_gradients_are_the_references():
+    # The kernel's VJP is the reference's: in x, and in float scales and the tensor scale.
+    q = _quantized(jn.NVFP4, 64, 40, seed=12)
+    (codes, scales, _), kwargs = _args(q)
+    kwargs["scale_dtype"] = "float32"
+    scales = scales.astype(jnp.float32)
+    x, dy = _normal(13, (5, 64)), _normal(14, (5, 40))
+    ts = kwargs.pop("tensor_scale")
+
+    def loss(impl):
+        def f(x, scales, ts):
+            y = quantized_matmul(x, codes, scales, implementation=impl, tensor_scale=ts, **kwargs)
+            return jnp.sum(y * dy)
+
+        return jax.grad(f, argnums=(0, 1, 2))(x, scales, ts)
+
+    for got, want in zip(loss("cpu"), loss("xla"), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_cpu_kernel_unavailable_falls_back_to_the_reference_with_a_warning(monkeypatch, tmp_path):
+    q = _quantized(jn.INT4_G128, 128, 32, seed=15)
+    (codes, scales, _), kwargs = _args(q)
+    x = _normal(16, (2, 128))
+    ref = quantized_matmul_reference(x, codes, scales, **kwargs)
+    try:
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+        monkeypatch.setenv(cpu.ENV_CACHE, str(tmp_path))  # no cached build to find
+        monkeypatch.setattr(cpu, "find_compiler", lambda: None)
+        cpu._load.cache_clear()
+        api._warned.clear()
+        with pytest.warns(UserWarning, match="CPU kernel is unavailable.*no C.. compiler"):
+            y = jax.jit(lambda x: quantized_matmul(x, codes, scales, **kwargs))(x)
+        np.testing.assert_array_equal(y, ref)
+        with pytest.raises(RuntimeError, match="implementation='cpu' is unavailable"):
+            quantized_matmul(x, codes, scales, implementation="cpu", **kwargs)
+        monkeypatch.setenv(cpu.ENV_DISABLE, "0")  # chosen on purpose: no warning
+        cpu._load.cache_clear()
+        api._warned.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            np.testing.assert_array_equal(quantized_matmul(x, codes, scales, **kwargs), ref)
+    finally:
+        monkeypatch.undo()
+        cpu._load.cache_clear()
+        assert cpu.unavailable_reason() is None
 
 
 class TestTPUKernel:
@@ -272,6 +328,22 @@ class TestGPUKernel(TestTPUKernel):
 
 class TestGPUKernelInterpret(TestGPUKernel):
     INTERPRET = True
+
+
+class TestCPUKernel(TestTPUKernel):
+    """The C++ kernel (built on first use), on any CPU; it takes no tile sizes."""
+
+    IMPLEMENTATION = "cpu"
+    BACKENDS = ("cpu",)
+
+    def setup_method(self):
+        super().setup_method()
+        if cpu.find_compiler() is None:  # a failed build with a compiler fails the test instead
+            pytest.skip("no C++ compiler to build the CPU kernel")
+
+    def _blocks(self, bits):
+        del bits
+        return {}
 
 
 def _problem(m=8, k=512, n=512, bits=4, group_size=128, fmt="int", scale_dtype="float32"):
@@ -429,7 +501,7 @@ def _call(**changes):
         (_call(x=jnp.ones((4, 256), jnp.float16)), r"x: expected float32 or bfloat16 \[M, K\]"),
         (_call(x=jnp.ones((4, 128))), r"scales: expected float32 \[1, N\] \(K=128"),
         (_call(tensor_scale=jnp.ones(3)), r"tensor_scale: expected a float scalar"),
-        (_call(implementation="cpu"), r"implementation='cpu'"),
+        (_call(implementation="cuda"), r"implementation='cuda'"),
         (
             _call(implementation="tpu", interpret=True, block_m=12),
             r"block_m=12: expected a positive multiple of 8",
