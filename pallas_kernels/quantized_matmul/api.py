@@ -185,13 +185,27 @@ def quantized_matmul(
         out_dtype=out_dtype,
     )
     p = check_args(x, codes, scales, zeros, **kwargs)
+    rest = {k: v for k, v in kwargs.items() if k not in ("tensor_scale", "lut")}
+    chosen = implementation
     implementation = _pick(implementation, interpret, p)
     if implementation == "xla":
         return quantized_matmul_reference(x, codes, scales, zeros, **kwargs)
     if p.m == 0 or p.n == 0 or p.k == 0:
         return jnp.zeros((p.m, p.n), p.out_dtype)
     if implementation == "cpu":
-        return _cpu_kernel(p, kwargs)(x, codes, scales, zeros, tensor_scale, lut)
+        kernel = _cpu_kernel(p, kwargs)
+        args = (x, codes, scales, zeros, tensor_scale, lut)
+        if chosen == "cpu":
+            return kernel(*args)
+        # Picked by the default backend: the kernel where the computation is lowered for CPU,
+        # the reference elsewhere (jax.export for TPU/CUDA from a CPU host).
+        return jax.lax.platform_dependent(
+            *args,
+            cpu=kernel,
+            default=lambda *a: quantized_matmul_reference(
+                a[0], a[1], a[2], a[3], tensor_scale=a[4], lut=a[5], **rest
+            ),
+        )
     if implementation == "tpu":
         kernel, (dm, dn, dk) = tpu.quantized_matmul_tpu, (TPU_BLOCK_M, TPU_BLOCK_N, TPU_BLOCK_K)
     else:

@@ -174,6 +174,16 @@ def test_default_path_on_cpu_is_the_cpu_kernel_for_decode_rows_and_the_reference
     np.testing.assert_array_equal(quantized_matmul(x, codes, scales, **kwargs), ref)
 
 
+def test_the_default_path_exports_for_tpu_and_cuda_from_a_cpu_host():
+    # Picked by the default backend, the CPU kernel is lowered only for CPU; an export for
+    # other platforms carries the reference (the kernels there are chosen by implementation=).
+    q = _quantized(jn.INT4_G128, 128, 64, seed=17)
+    (codes, scales, _), kwargs = _args(q)
+    f = jax.jit(lambda x: quantized_matmul(x, codes, scales, **kwargs))
+    exported = jax.export.export(f, platforms=["tpu", "cuda"])(_normal(18, (2, 128)))
+    assert cpu.TARGET not in exported.mlir_module()
+
+
 @pytest.mark.skipif(cpu.find_compiler() is None, reason="no C++ compiler to build the CPU kernel")
 def test_cpu_kernel_gradients_are_the_references():
     # The kernel's VJP is the reference's: in x, and in float scales and the tensor scale.
