@@ -6,8 +6,6 @@ describe the kernels.
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 
@@ -28,24 +26,10 @@ GPU_BLOCK_M, GPU_BLOCK_N, GPU_BLOCK_K = 64, 128, 64
 IMPLEMENTATIONS = dispatch.IMPLEMENTATIONS
 
 
-_warned = set()
-
-
 def _pick(implementation, interpret, p: Problem) -> str:
     cpu_ok = cpu.supports(p)
     if cpu_ok and implementation is None and not interpret and jax.default_backend() == "cpu":
-        reason = cpu.unavailable_reason()  # builds the kernel on the first call
-        if reason is not None:
-            cpu_ok = False
-            if not cpu.disabled_on_purpose() and reason not in _warned:
-                _warned.add(reason)
-                warnings.warn(
-                    f"quantized_matmul: the CPU kernel is unavailable ({reason}), so served "
-                    "quantized matmuls on CPU dequantize the whole weight, then multiply "
-                    "(slower than the float model when decoding). Install a C++ compiler, or "
-                    f"set {cpu.ENV_DISABLE}=0 to choose the reference without this warning.",
-                    stacklevel=4,
-                )
+        cpu_ok = cpu.available(stacklevel=4)  # builds the kernel on the first call
     return dispatch.pick_implementation(
         "quantized_matmul", implementation, interpret, tpu_ok=tpu.supports(p), cpu_ok=cpu_ok
     )

@@ -34,6 +34,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -132,9 +133,32 @@ def unavailable_reason() -> str | None:
     return _load()
 
 
-def disabled_on_purpose() -> bool:
-    """``JAXQUANT_CPU_KERNEL=0``: the reference is used without a warning."""
-    return os.environ.get(ENV_DISABLE, "1") == "0"
+_warned: set[str] = set()
+
+
+def available(stacklevel: int = 2) -> bool:
+    """Whether the kernel is built and registered (building it on the first call). When it is
+    not, warns once per reason, unless ``JAXQUANT_CPU_KERNEL=0`` chose that on purpose."""
+    reason = _load()
+    if reason is None:
+        return True
+    if os.environ.get(ENV_DISABLE, "1") != "0" and reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(
+            f"quantized_matmul: the CPU kernel is unavailable ({reason}), so served quantized "
+            "matmuls on CPU dequantize the whole weight, then multiply (slower than the float "
+            "model when decoding). Install a C++ compiler, or set "
+            f"{ENV_DISABLE}=0 to choose the reference without this warning.",
+            stacklevel=stacklevel + 1,
+        )
+    return False
+
+
+def reset() -> None:
+    """Forgets the loaded kernel and the warnings given, so the next call looks again (after
+    changing ``$CXX``, ``JAXQUANT_CPU_KERNEL`` or ``JAXQUANT_CACHE_DIR``)."""
+    _load.cache_clear()
+    _warned.clear()
 
 
 def supports(p: Problem) -> bool:

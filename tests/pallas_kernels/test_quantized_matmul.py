@@ -214,22 +214,20 @@ def test_cpu_kernel_unavailable_falls_back_to_the_reference_with_a_warning(monke
         monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
         monkeypatch.setenv(cpu.ENV_CACHE, str(tmp_path))  # no cached build to find
         monkeypatch.setattr(cpu, "find_compiler", lambda: None)
-        cpu._load.cache_clear()
-        api._warned.clear()
+        cpu.reset()
         with pytest.warns(UserWarning, match="CPU kernel is unavailable.*no C.. compiler"):
             y = jax.jit(lambda x: quantized_matmul(x, codes, scales, **kwargs))(x)
         np.testing.assert_array_equal(y, ref)
         with pytest.raises(RuntimeError, match="implementation='cpu' is unavailable"):
             quantized_matmul(x, codes, scales, implementation="cpu", **kwargs)
         monkeypatch.setenv(cpu.ENV_DISABLE, "0")  # chosen on purpose: no warning
-        cpu._load.cache_clear()
-        api._warned.clear()
+        cpu.reset()
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             np.testing.assert_array_equal(quantized_matmul(x, codes, scales, **kwargs), ref)
     finally:
         monkeypatch.undo()
-        cpu._load.cache_clear()
+        cpu.reset()
         assert cpu.unavailable_reason() is None
 
 
