@@ -3,6 +3,7 @@
   python benchmarks/pretrained.py --what=kv        # perplexity through each KV-cache format
   python benchmarks/pretrained.py --what=agree     # cached decoding vs recomputation, 32 steps
   python benchmarks/pretrained.py --what=decode    # tokens/s: batch 1 and 8, weights x cache
+  python benchmarks/pretrained.py --what=matmuls --random_weights   # the 210 linear layers
 
 The PTQ table (float, RTN, GPTQ, HAVQ) comes from ``train.py --mode=ptq`` with
 ``configs/smollm2_135m.py`` (BENCHMARKS.md gives the command). The model's "float" weights are
@@ -16,9 +17,14 @@ their error), and the cache's bytes for one window.
 
 ``decode``: a prompt of ``--prompt_len`` validation tokens per row, ``--new_tokens`` greedy
 tokens, batch 1 and 8; weights float32, RTN int8 / int4_g64 served (the ``'quant'`` collection,
-the kernels' XLA path on CPU), and an E8P 2-bit VQ served; caches bf16, int8, int4 and none
-(recomputation of the whole buffer each step). Compilation is excluded (``generate`` compiles
-before it times).
+through ``quantized_matmul``'s CPU kernel on CPU), and an E8P 2-bit VQ served; caches bf16,
+int8, int4 and none (recomputation of the whole buffer each step). Compilation is excluded
+(``generate`` compiles before it times).
+
+``matmuls``: the model's 210 linear layers alone (their shapes, random weights), M rows of
+activations (``--matmul_ms``) through all of them in one jitted call, timed (median of 15):
+float32, and each ``--weights`` scalar format by the default path (the CPU kernel on CPU) and by
+the XLA reference (dequantize, then multiply).
 """
 
 import dataclasses
@@ -54,6 +60,7 @@ _NEW = flags.DEFINE_integer("new_tokens", 128, "decode: generated tokens per row
 _WEIGHTS = flags.DEFINE_list("weights", ["float32", "int8", "int4_g64", "e8p2_rht"], "decode.")
 _CACHES = flags.DEFINE_list("caches", ["bfloat16", "int8", "int4", "none"], "decode.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "decode.")
+_MATMUL_MS = flags.DEFINE_list("matmul_ms", ["1", "8", "32", "128"], "matmuls: rows M.")
 _KERNELS = flags.DEFINE_bool(
     "kernels", True, "decode: served matmuls through the Pallas kernels (False: dequantize first)."
 )
@@ -179,6 +186,50 @@ def decode(model, params, tok):
                 )
 
 
+def matmuls(model, params, tok):
+    del tok
+    kernels = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+        if "layers_" in jax.tree_util.keystr(path) and leaf.ndim == 2
+    ]
+
+    def seconds(x, weights):
+        # A fresh function per call: the kernel options in effect are read when it is traced.
+        def chain(x, weights):  # x [M, d] through every weight (tiled, then sliced to its K)
+            total = jnp.float32(0)
+            for w in weights:
+                k = w.shape[0]
+                xi = jnp.tile(x, (1, -(-k // x.shape[1])))[:, :k]
+                # the barrier keeps XLA from rewriting sum(x @ w) as x @ sum(w)
+                total = total + jnp.sum(jax.lax.optimization_barrier(xi @ w))
+            return total
+
+        f = jax.jit(chain)
+        jax.block_until_ready(f(x, weights))
+        times = []
+        for _ in range(15):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(x, weights))
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    formats = [w for w in _WEIGHTS.value if w != "float32" and "e8p" not in w]
+    quantized = {fmt: [get_quantizer(fmt).quantize(w) for w in kernels] for fmt in formats}
+    print(f"\n{len(kernels)} linear layers, {sum(w.size for w in kernels):,} weights; ms per call")
+    head = "".join(f" {fmt} default | {fmt} XLA path |" for fmt in formats)
+    print(f"\n| M | float32 |{head}")
+    print("|---:|---:|" + "---:|---:|" * len(formats))
+    for m in map(int, _MATMUL_MS.value):
+        x = jax.random.normal(jax.random.key(m), (m, SMOLLM2.embed_dim))
+        row = [f"{seconds(x, kernels) * 1e3:.1f}"]
+        for fmt in formats:
+            row.append(f"{seconds(x, quantized[fmt]) * 1e3:.1f}")
+            with kernel_options(implementation="xla"):
+                row.append(f"{seconds(x, quantized[fmt]) * 1e3:.1f}")
+        print(f"| {m} | " + " | ".join(row) + " |", flush=True)
+
+
 def _generate(m, v, tok, b, kind):
     return generate(
         m,
@@ -193,15 +244,15 @@ def _generate(m, v, tok, b, kind):
 def main(argv):
     del argv
     if _RANDOM.value:
-        if _WHAT.value != ["decode"]:
-            raise app.UsageError("--random_weights measures --what=decode only.")
+        if not set(_WHAT.value) <= {"decode", "matmuls"}:
+            raise app.UsageError("--random_weights measures --what=decode,matmuls only.")
         model, tok = Llama(SMOLLM2), None
         params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
         params = nn.unbox(params)
     else:
         model, params, tok = load_pretrained(smollm2_gguf())
     for what in _WHAT.value:
-        {"kv": kv, "agree": agree, "decode": decode}[what](model, params, tok)
+        {"kv": kv, "agree": agree, "decode": decode, "matmuls": matmuls}[what](model, params, tok)
 
 
 if __name__ == "__main__":

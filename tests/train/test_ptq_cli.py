@@ -42,7 +42,7 @@ def test_ptq_mode_prints_float_rtn_and_gptq_saves_each_variant_and_they_restore(
         config,
         f"--workdir={workdir}",
         "--mode=ptq",
-        "--config.ptq.format=int4_g128,int2_g128",
+        "--config.ptq.format=int4_g128",
         cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -51,12 +51,12 @@ def test_ptq_mode_prints_float_rtn_and_gptq_saves_each_variant_and_they_restore(
         m = re.match(r"\| (\w+) \| ([\d.]+) \| ([+-][\d.]+) \|.*\| ([\d.]+) \| .*\|$", line)
         if m:
             rows[m.group(1)] = (float(m.group(2)), float(m.group(4)))
-    names = ["float", "rtn_int4_g128", "gptq_int4_g128", "rtn_int2_g128", "gptq_int2_g128"]
+    names = ["float", "rtn_int4_g128", "gptq_int4_g128"]
     assert list(rows) == names, out.stdout
     assert rows["float"][1] == 32.0
     assert rows["rtn_int4_g128"][1] == rows["gptq_int4_g128"][1] < 32  # same storage
     assert "layer error / RTN's" in out.stdout
-    assert "ptq gptq int2_g128" in out.stdout  # the progress bar over layers
+    assert "ptq gptq int4_g128" in out.stdout  # the progress bar over layers
     for name in names[1:]:
         meta = json.loads((workdir / "ptq" / name / "meta.json").read_text())
         assert meta["method"] == name.split("_")[0]

@@ -166,7 +166,15 @@ def _np_vectors(q):
     return out
 
 
-@pytest.mark.parametrize("name", list(RECIPES))
+# In the slow run, each covered by faster cases: d = 4 k-means lookups by kmeans_d4_b9_cb2; PVQ's
+# equation by the two n = 8 cases, rotation and groups by the k-means, E8P and trellis cases.
+_SLOW_RECIPES = ("kmeans_d4_b8", "pvq_n4_k7_b2_rht_g32")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_RECIPES else n for n in RECIPES],
+)
 def test_vqarray_dequantizes_by_its_equation_and_its_matmul_matches(name):
     recipe = RECIPES[name]
     k, n = 256, 24
@@ -513,12 +521,16 @@ SHARDING_CASES = [
         *("kmeans_d2_b6", (512, 64), (8,), (None, None), False, False), marks=pytest.mark.slow
     ),
     ("kmeans_d2_b6", (512, 24), (8,), (None, "x"), False, False),  # 3 codes: not whole bytes
-    ("kmeans_d1_b3_g32", (512, 64), (2, 4), ("x", "y"), True, True),
+    pytest.param(  # a 2-D mesh splitting K and N: as the kmeans_d2_b6_rht case below
+        *("kmeans_d1_b3_g32", (512, 64), (2, 4), ("x", "y"), True, True), marks=pytest.mark.slow
+    ),
     pytest.param(
         *("kmeans_d1_b3_g32", (512, 40), (2, 4), (("x", "y"), None), True, False),
         marks=pytest.mark.slow,
     ),
-    ("e8p2_rht_g64", (512, 64), (8,), ("x", None), True, False),  # rotated
+    pytest.param(  # rotated E8P split on K: as the 3-D case below
+        *("e8p2_rht_g64", (512, 64), (8,), ("x", None), True, False), marks=pytest.mark.slow
+    ),
     pytest.param(
         *("e8p2_rht_g64", (512, 64), (8,), (None, "x"), False, True), marks=pytest.mark.slow
     ),
