@@ -188,11 +188,14 @@ def decode(model, params, tok):
 
 def matmuls(model, params, tok):
     del tok
-    kernels = [
-        leaf
-        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-        if "layers_" in jax.tree_util.keystr(path) and leaf.ndim == 2
-    ]
+    kernels = []  # [in, out] matrices: q/k/v [embed, heads, head_dim], out [heads, head_dim, embed]
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name = jax.tree_util.keystr(path)
+        if "layers_" in name and leaf.ndim >= 2:
+            out_proj = "'out'" in name
+            kernels.append(
+                leaf.reshape(-1, leaf.shape[-1]) if out_proj else leaf.reshape(leaf.shape[0], -1)
+            )
 
     def seconds(x, weights):
         # A fresh function per call: the kernel options in effect are read when it is traced.

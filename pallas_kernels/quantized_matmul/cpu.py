@@ -43,9 +43,9 @@ import numpy as np
 from pallas_kernels.quantized_matmul.reference import Problem, code_table, decode_scales
 
 # Calls with more rows than this go to the reference (dequantize + float32 GEMM): on SmolLM2's
-# 210 layer shapes (2 cores) the kernel takes 0.95x the reference's time at M = 128 and 0.4x at
-# M = 32, and a compute-bound GEMM wins beyond (benchmarks/kernels.py; BENCHMARKS.md).
-MAX_M = 128
+# 210 layer shapes (2 cores) the kernel takes 0.4x the reference's time at M = 32 and 1.1x at
+# M = 128, where the compute-bound GEMM wins (benchmarks/pretrained.py --what=matmuls).
+MAX_M = 64
 TARGET = "jaxquant_quantized_matmul_cpu"
 SOURCE = pathlib.Path(__file__).with_name("cpu_kernel.cc")
 ENV_DISABLE = "JAXQUANT_CPU_KERNEL"
