@@ -228,7 +228,8 @@ def test_cpu_kernel_unavailable_falls_back_to_the_reference_with_a_warning(monke
     finally:
         monkeypatch.undo()
         cpu.reset()
-        assert cpu.unavailable_reason() is None
+        if cpu.find_compiler() is not None:  # the kernel is back for the tests that follow
+            assert cpu.unavailable_reason() is None
 
 
 class TestTPUKernel:
