@@ -93,10 +93,11 @@ inline void FusedPlane(float* __restrict a, const uint8_t* __restrict r0,
                        const float* __restrict table) {
   const float x0 = xs[0], x1 = xs[1], x2 = xs[2], x3 = xs[3];
   for (int64_t j = 0; j < nb; ++j) {
-    a[j] += (x0 * Decode1<kBits, kKind, kP>(r0[j], table) +
+    // a chain of four multiply-adds (fused by -ffp-contract), not a tree of products and sums
+    a[j] = (((a[j] + x0 * Decode1<kBits, kKind, kP>(r0[j], table)) +
              x1 * Decode1<kBits, kKind, kP>(r1[j], table)) +
-            (x2 * Decode1<kBits, kKind, kP>(r2[j], table) +
-             x3 * Decode1<kBits, kKind, kP>(r3[j], table));
+            x2 * Decode1<kBits, kKind, kP>(r2[j], table)) +
+           x3 * Decode1<kBits, kKind, kP>(r3[j], table);
   }
 }
 
@@ -119,7 +120,7 @@ inline void Axpy(float* __restrict acc, const float* __restrict decoded, int64_t
     const float* __restrict d2 = decoded + 2 * stride;
     const float* __restrict d3 = decoded + 3 * stride;
     for (int64_t j = 0; j < nb; ++j) {
-      acc[j] += (x0 * d0[j] + x1 * d1[j]) + (x2 * d2[j] + x3 * d3[j]);
+      acc[j] = (((acc[j] + x0 * d0[j]) + x1 * d1[j]) + x2 * d2[j]) + x3 * d3[j];
     }
   } else {
     const float x0 = xs[0];
@@ -147,10 +148,10 @@ inline void AxpyMx4<4>(float* acc, const float* __restrict decoded, int64_t stri
   const float* __restrict d3 = decoded + 3 * stride;
   for (int64_t j = 0; j < nb; ++j) {
     const float v0 = d0[j], v1 = d1[j], v2 = d2[j], v3 = d3[j];
-    a0[j] += (x[0] * v0 + x[1] * v1) + (x[2] * v2 + x[3] * v3);
-    a1[j] += (x[4] * v0 + x[5] * v1) + (x[6] * v2 + x[7] * v3);
-    a2[j] += (x[8] * v0 + x[9] * v1) + (x[10] * v2 + x[11] * v3);
-    a3[j] += (x[12] * v0 + x[13] * v1) + (x[14] * v2 + x[15] * v3);
+    a0[j] = (((a0[j] + x[0] * v0) + x[1] * v1) + x[2] * v2) + x[3] * v3;
+    a1[j] = (((a1[j] + x[4] * v0) + x[5] * v1) + x[6] * v2) + x[7] * v3;
+    a2[j] = (((a2[j] + x[8] * v0) + x[9] * v1) + x[10] * v2) + x[11] * v3;
+    a3[j] = (((a3[j] + x[12] * v0) + x[13] * v1) + x[14] * v2) + x[15] * v3;
   }
 }
 
