@@ -35,8 +35,20 @@ def _pick(implementation, interpret, p: Problem) -> str:
     )
 
 
-def _cpu_kernel(p: Problem, kwargs: dict):
-    """The CPU kernel, differentiable: its VJP is the reference's (a linear map of ``x``; the
+def _reference_of(static: dict):
+    """The reference as a function of quantized_matmul's six array arguments (``static``: its
+    other keyword arguments)."""
+
+    def reference(x, codes, scales, zeros, tensor_scale, lut):
+        return quantized_matmul_reference(
+            x, codes, scales, zeros, tensor_scale=tensor_scale, lut=lut, **static
+        )
+
+    return reference
+
+
+def _cpu_kernel(p: Problem, reference):
+    """The CPU kernel, differentiable: its VJP is ``reference``'s (a linear map of ``x``; the
     float scales, tensor scale and table get the reference's cotangents too)."""
 
     @jax.custom_vjp
@@ -55,17 +67,13 @@ def _cpu_kernel(p: Problem, kwargs: dict):
             if a is not None and jnp.issubdtype(jnp.result_type(a), jnp.floating)
         ]
 
-        def reference(*values):
+        def of_float_args(*values):
             full = list(args)
             for i, v in zip(diff, values, strict=True):
                 full[i] = v
-            x, codes, scales, zeros, tensor_scale, lut = full
-            rest = {k: v for k, v in kwargs.items() if k not in ("tensor_scale", "lut")}
-            return quantized_matmul_reference(
-                x, codes, scales, zeros, tensor_scale=tensor_scale, lut=lut, **rest
-            )
+            return reference(*full)
 
-        _, vjp = jax.vjp(reference, *[args[i] for i in diff])
+        _, vjp = jax.vjp(of_float_args, *[args[i] for i in diff])
         out = [None] * len(args)
         for i, ct in zip(diff, vjp(dy), strict=True):
             out[i] = ct
@@ -169,7 +177,6 @@ def quantized_matmul(
         out_dtype=out_dtype,
     )
     p = check_args(x, codes, scales, zeros, **kwargs)
-    rest = {k: v for k, v in kwargs.items() if k not in ("tensor_scale", "lut")}
     chosen = implementation
     implementation = _pick(implementation, interpret, p)
     if implementation == "xla":
@@ -177,19 +184,15 @@ def quantized_matmul(
     if p.m == 0 or p.n == 0 or p.k == 0:
         return jnp.zeros((p.m, p.n), p.out_dtype)
     if implementation == "cpu":
-        kernel = _cpu_kernel(p, kwargs)
+        static = {k: v for k, v in kwargs.items() if k not in ("tensor_scale", "lut")}
+        reference = _reference_of(static)
+        kernel = _cpu_kernel(p, reference)
         args = (x, codes, scales, zeros, tensor_scale, lut)
         if chosen == "cpu":
             return kernel(*args)
         # Picked by the default backend: the kernel where the computation is lowered for CPU,
         # the reference elsewhere (jax.export for TPU/CUDA from a CPU host).
-        return jax.lax.platform_dependent(
-            *args,
-            cpu=kernel,
-            default=lambda *a: quantized_matmul_reference(
-                a[0], a[1], a[2], a[3], tensor_scale=a[4], lut=a[5], **rest
-            ),
-        )
+        return jax.lax.platform_dependent(*args, cpu=kernel, default=reference)
     if implementation == "tpu":
         kernel, (dm, dn, dk) = tpu.quantized_matmul_tpu, (TPU_BLOCK_M, TPU_BLOCK_N, TPU_BLOCK_K)
     else:

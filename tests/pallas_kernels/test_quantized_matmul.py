@@ -354,6 +354,24 @@ class TestCPUKernel(TestTPUKernel):
         del bits
         return {}
 
+    # Groups of 6 rows: the kernel's passes of 4 rows of K leave 2 rows per group to its
+    # one-row path; M = 1 (the fused decode), 5 (4 rows of x at once, then 1) and 9; N = 37
+    # leaves a partly filled last byte at 2 and 4 bits.
+    @pytest.mark.parametrize("m", [1, 5, 9])
+    @pytest.mark.parametrize("bits", [2, 4, 8])
+    @pytest.mark.parametrize("fmt", ["int", "uint", "lut"])
+    def test_groups_not_a_multiple_of_four_rows(self, m, bits, fmt):
+        k, n, g = 30, 37, 6
+        rng = np.random.default_rng(100 * m + 10 * bits + len(fmt))
+        codes = packing.pack(jnp.asarray(rng.integers(0, 2**bits, (k, n)), jnp.uint8), bits)
+        scales = jnp.asarray(rng.uniform(0.5, 2.0, (k // g, n)), jnp.float32)
+        zeros = None
+        if fmt == "uint":
+            zeros = jnp.asarray(rng.integers(0, 2**bits, (k // g, n)), jnp.uint8)
+        lut = jnp.asarray(rng.standard_normal(2**bits), jnp.float32) if fmt == "lut" else None
+        kwargs = dict(bits=bits, group_size=g, fmt=fmt, lut=lut)
+        self._check(_normal(m, (m, k)), codes, scales, zeros, kwargs)
+
 
 def _problem(m=8, k=512, n=512, bits=4, group_size=128, fmt="int", scale_dtype="float32"):
     x, codes, scales, *_ = reference.arg_specs(
