@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxquant.optim import storage as storage_lib
+from jaxquant.optim.storage import check_mu_dtype
 
 
 class MomentumState(NamedTuple):
@@ -35,11 +36,16 @@ def _first_moment_storage(state_bits, state_format, block_size, min_quantized_si
     )
 
 
-def _momentum_transform(store, step) -> optax.GradientTransformation:
-    """init/update over the momentum tree; ``step(g32, mu32) -> (u32, new_mu32)``."""
+def _momentum_transform(store, step, dtype=None) -> optax.GradientTransformation:
+    """init/update over the momentum tree; ``step(g32, mu32) -> (u32, new_mu32)``; ``dtype``
+    (state_bits=32 only) is the stored momentum's dtype."""
+
+    def stored(mu, key=None):
+        mu = store.store_first(mu, key)
+        return mu if dtype is None else mu.astype(dtype)
 
     def init_fn(params):
-        mu = jax.tree.map(lambda p: store.store_first(jnp.zeros(p.shape, jnp.float32)), params)
+        mu = jax.tree.map(lambda p: stored(jnp.zeros(p.shape, jnp.float32)), params)
         return MomentumState(count=jnp.zeros([], jnp.int32), mu=mu)
 
     def update_fn(updates, state, params=None):
@@ -48,8 +54,8 @@ def _momentum_transform(store, step) -> optax.GradientTransformation:
         count = optax.safe_increment(state.count)
 
         def leaf(g, mu, key):
-            u, mu = step(g.astype(jnp.float32), storage_lib.load(mu))
-            return u.astype(g.dtype), store.store_first(mu, key)
+            u, mu = step(g.astype(jnp.float32), storage_lib.load(mu).astype(jnp.float32))
+            return u.astype(g.dtype), stored(mu, key)
 
         keys = store.keys(updates, count)
         out = jax.tree.map(leaf, updates, state.mu, keys, is_leaf=lambda x: x is None)
@@ -65,6 +71,7 @@ def _momentum_transform(store, step) -> optax.GradientTransformation:
 def scale_by_lion(
     b1: float = 0.9,
     b2: float = 0.99,
+    mu_dtype=None,
     *,
     state_bits: int = 32,
     state_format: str | None = None,
@@ -85,6 +92,7 @@ def scale_by_lion(
     Args:
       b1: interpolation of momentum and gradient inside the sign.
       b2: decay of the momentum.
+      mu_dtype: the momentum's dtype at ``state_bits=32`` (None: f32); an error at 8 or 4 bits.
       state_bits, state_format, block_size, min_quantized_size, rounding: as
         ``adam.scale_by_adam``. Lion's slow momentum (``b2=0.99``) is where stochastic
         rounding matters most: with nearest rounding an 8-bit momentum freezes wherever
@@ -103,24 +111,26 @@ def scale_by_lion(
     def step(g, mu):
         return jnp.sign(b1 * mu + (1 - b1) * g), b2 * mu + (1 - b2) * g
 
-    return _momentum_transform(store, step)
+    return _momentum_transform(store, step, check_mu_dtype(mu_dtype, state_bits))
 
 
 def lion(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
     b2: float = 0.99,
-    weight_decay: float = 1e-3,
+    mu_dtype=None,
+    weight_decay: optax.ScalarOrSchedule = 1e-3,
+    mask=None,
     *,
     state_bits: int = 32,
     state_format: str | None = None,
     block_size: int | None = None,
     min_quantized_size: int = 4096,
     rounding: str = "nearest",
-    mask=None,
 ) -> optax.GradientTransformation:
     """Lion with optionally 8- or 4-bit momentum: ``scale_by_lion``, decoupled weight decay,
-    −lr (the chain of ``optax.lion``, which ``state_bits=32`` reproduces).
+    −lr (the chain of ``optax.lion``, which ``state_bits=32`` reproduces; its arguments are
+    accepted in their positions).
 
     Example:
       >>> opt = lion(3e-4, state_bits=8)          # 1.02 bytes of state per large param
@@ -129,6 +139,7 @@ def lion(
         scale_by_lion(
             b1,
             b2,
+            mu_dtype,
             state_bits=state_bits,
             state_format=state_format,
             block_size=block_size,
@@ -143,6 +154,7 @@ def lion(
 def trace(
     decay: float,
     nesterov: bool = False,
+    accumulator_dtype=None,
     *,
     state_bits: int = 32,
     state_format: str | None = None,
@@ -156,7 +168,8 @@ def trace(
 
         mu = g + decay · mu,     u = g + decay · mu  (nesterov)  or  u = mu
 
-    ``state_bits=32`` equals ``optax.trace``.
+    ``state_bits=32`` equals ``optax.trace`` (``accumulator_dtype``: the trace's dtype there;
+    an error at 8 or 4 bits, where the recipe stores it).
     """
     store = _first_moment_storage(
         state_bits, state_format, block_size, min_quantized_size, rounding
@@ -166,13 +179,14 @@ def trace(
         mu = g + decay * mu
         return (g + decay * mu if nesterov else mu), mu
 
-    return _momentum_transform(store, step)
+    return _momentum_transform(store, step, check_mu_dtype(accumulator_dtype, state_bits))
 
 
 def sgd(
     learning_rate: optax.ScalarOrSchedule,
     momentum: float | None = None,
     nesterov: bool = False,
+    accumulator_dtype=None,
     *,
     state_bits: int = 32,
     state_format: str | None = None,
@@ -196,6 +210,7 @@ def sgd(
         trace(
             momentum,
             nesterov,
+            accumulator_dtype,
             state_bits=state_bits,
             state_format=state_format,
             block_size=block_size,

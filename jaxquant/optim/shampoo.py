@@ -26,6 +26,7 @@ from jax import lax
 from jaxquant.numerics.formats import LookupFormat
 from jaxquant.numerics.qarray import QArray
 from jaxquant.optim import storage as storage_lib
+from jaxquant.optim.adam import AdamLeafStep
 from jaxquant.optim.state import QuantizedMoment, StateQuantizer, linear_format
 
 STATE_BITS = (32, 4)
@@ -314,6 +315,8 @@ def scale_by_shampoo(
             f"(the Adam moments' storage): {e}"
         ) from e
 
+    adam_step = AdamLeafStep(moments, b1, b2, eps)
+
     def preconditioned(shape) -> bool:
         return len(shape) == 2 and 2 <= min(shape) and max(shape) <= max_preconditioner_dim
 
@@ -330,15 +333,14 @@ def scale_by_shampoo(
 
     def init_fn(params):
         leaves, treedef = jax.tree.flatten(params)
-        zeros = [jnp.zeros(p.shape, jnp.float32) for p in leaves]
         pre = [
             (init_factor(p.shape[0]), init_factor(p.shape[1])) if preconditioned(p.shape) else ()
             for p in leaves
         ]
         return ScaleByShampooState(
             count=jnp.zeros([], jnp.int32),
-            mu=treedef.unflatten([moments.store_first(z) for z in zeros]),
-            nu=treedef.unflatten([moments.init_second(z.shape) for z in zeros]),
+            mu=adam_step.init_first(params),
+            nu=adam_step.init_second(params),
             preconditioners=treedef.unflatten(pre),
         )
 
@@ -405,8 +407,6 @@ def scale_by_shampoo(
     def update_fn(updates, state, params=None):
         del params
         count = optax.safe_increment(state.count)
-        bc1 = 1 - b1**count
-        bc2 = 1 - b2**count
         do_stats = (count - 1) % statistics_interval == 0
         do_root = (count - 1) % preconditioner_interval == 0
 
@@ -418,10 +418,8 @@ def scale_by_shampoo(
         out_u, out_mu, out_nu, out_pre = [], [], [], []
         for g, mu, nu, pre in zip(grads, mus, nus, pres, strict=True):
             g32 = g.astype(jnp.float32)
-            mu = (1 - b1) * g32 + b1 * storage_lib.load(mu)
-            nu, nu_stored = moments.update_second(nu, g32 * g32, b2)
-            m_hat = mu / bc1
-            u = m_hat / (jnp.sqrt(nu / bc2) + eps)
+            # Adam's step (the graft) and its first moment m̂, which Shampoo preconditions.
+            u, m_hat, mu_stored, nu_stored = adam_step(g32, mu, nu, count)
             if pre:
                 left, root_l = update_factor(pre[0], _matmul(g32, g32.T), do_stats, do_root)
                 right, root_r = update_factor(pre[1], _matmul(g32.T, g32), do_stats, do_root)
@@ -431,7 +429,7 @@ def scale_by_shampoo(
                 u = d * jnp.where(d_norm > 0, jnp.linalg.norm(u) / d_norm, 0.0)
                 pre = (left, right)
             out_u.append(u.astype(g.dtype))
-            out_mu.append(moments.store_first(mu))
+            out_mu.append(mu_stored)
             out_nu.append(nu_stored)
             out_pre.append(pre)
         new_state = ScaleByShampooState(

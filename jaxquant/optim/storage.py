@@ -88,6 +88,25 @@ def check_recipe(state_bits, state_format, block_size, min_quantized_size) -> st
     return state_format
 
 
+def check_mu_dtype(mu_dtype, state_bits):
+    """Validates a first moment's storage dtype (optax's ``mu_dtype``/``accumulator_dtype``):
+    a float dtype, and only with ``state_bits=32`` (low-bit recipes store it themselves)."""
+    if mu_dtype is None:
+        return None
+    try:
+        dtype = jnp.dtype(mu_dtype)
+    except TypeError as e:
+        raise ValueError(f"mu_dtype={mu_dtype!r}: expected a float dtype or None.") from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"mu_dtype={mu_dtype!r}: expected a float dtype or None.")
+    if state_bits != 32:
+        raise ValueError(
+            f"mu_dtype={mu_dtype!r} with state_bits={state_bits}: the first moment is stored "
+            "by the low-bit recipe; pass mu_dtype only with state_bits=32."
+        )
+    return dtype
+
+
 @dataclasses.dataclass(frozen=True)
 class MomentStorage:
     """Stores and loads first and second moments by a recipe (see the module docstring).
