@@ -59,8 +59,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.grad_clip = 1.0
     c.optim.name = "adamw"  # adamw | lion | sgd | shampoo
     c.optim.state_bits = 32  # 8 or 4: moments stored in 8 or 4 bits (jaxquant.optim)
-    c.optim.state_format = ""  # '': the bits' default; 8: dynamic | e4m3; 4: rank1 | factorized
-    c.optim.state_rounding = "nearest"  # or stochastic
+    c.optim.state_format = (
+        ""  # '': the bits' default; 8: dynamic|e4m3; 4: rank1|factorized|rank1_dynamic
+    )
+    c.optim.state_rounding = (
+        ""  # '': the recipe's default (4-bit: stochastic); nearest | stochastic
+    )
     c.optim.schedule = "cosine"  # cosine | inverse_sqrt | constant (horizon-free)
     c.optim.averaging = ""  # '' | ema (half-life grows with t) | lawa
     c.optim.ema_half_life_fraction = 0.04

@@ -2,11 +2,12 @@
 
 ``adam`` / ``adamw`` / ``lion`` / ``sgd`` with ``state_bits=8`` or ``4`` keep their moments
 quantized between steps (bitsandbytes' 8-bit block-wise dynamic map, arXiv:2110.02861; FP8
-E4M3; 4-bit Adam's rank-1 and factorized second moments, arXiv:2309.01507) and do the step's
-arithmetic in f32; ``quantized_state`` does the same for any optax transformation;
-``state_nbytes`` / ``bytes_per_param`` report the state's exact memory. ``dct_low_rank``
-projects gradients onto DCT columns (arXiv:2505.17967); ``with_averaging`` keeps a growing-
-half-life EMA or LAWA average of the weights for horizon-free training (arXiv:2602.03702).
+E4M3; 4-bit NF4 first moments with factored or rank-1 second moments, after 4-bit Adam,
+arXiv:2309.01507) and do the step's arithmetic in f32; ``quantized_state`` does the same
+for any optax transformation; ``state_nbytes`` / ``bytes_per_param`` report the state's
+exact memory. ``dct_low_rank`` projects gradients onto DCT columns (arXiv:2505.17967);
+``with_averaging`` keeps a growing-half-life EMA or LAWA average of the weights for
+horizon-free training (arXiv:2602.03702).
 """
 
 from jaxquant.optim.adam import ScaleByAdamState, adam, adamw, scale_by_adam

@@ -3,7 +3,7 @@
 Terminology:
   state_bits:          32 (f32 moments), 8 or 4.
   state_format:        how the moments are stored at those bits (``storage.RECIPES``):
-                       8-bit ``'dynamic'`` (default) or ``'e4m3'``; 4-bit ``'rank1'`` (default)
+                       8-bit ``'dynamic'`` (default) or ``'e4m3'``; 4-bit ``'factorized'`` (default)
                        or ``'factorized'``.
   min_quantized_size:  leaves smaller than this keep f32 moments (biases, norms): their
                        memory is negligible and they are the most sensitive.
@@ -41,7 +41,7 @@ def scale_by_adam(
     state_format: str | None = None,
     block_size: int | None = None,
     min_quantized_size: int = 4096,
-    rounding: str = "nearest",
+    rounding: str | None = None,
 ) -> optax.GradientTransformation:
     """Rescales updates by Adam's bias-corrected moments, optionally stored in 8 or 4 bits.
 
@@ -59,11 +59,15 @@ def scale_by_adam(
     * 8-bit ``'dynamic'`` (bitsandbytes): block-wise absmax (block 256) on the signed dynamic
       map with the sign nudge (``mu``) and the unsigned one (``nu``); 2.03 bytes/param.
     * 8-bit ``'e4m3'``: FP8 E4M3 codes, block-wise absmax (block 256) to 448; 2.03 bytes/param.
-    * 4-bit ``'rank1'`` (4-bit Adam): ``mu`` on the 4-bit dynamic map, block 128; ``nu`` on the
-      linear map without zero (``maps.linear_map``) under rank-1 normalization
-      ``n[i, j] = min(rowmax_i, colmax_j)``; about 1.04 bytes/param.
-    * 4-bit ``'factorized'``: ``mu`` as above; ``nu`` of rank >= 2 factored into f32 row and
-      column averages (Adafactor; ``u`` uses their rank-1 reconstruction); about 0.53.
+    * 4-bit ``'factorized'`` (the default): ``mu`` on the NF4 map, block 32; ``nu`` of rank
+      >= 2 factored into f32 row and column averages (Adafactor; ``u`` uses their rank-1
+      reconstruction); stochastic rounding; about 0.66 bytes/param.
+    * 4-bit ``'rank1'``: ``mu`` on the NF4 map, block 128; ``nu`` on the linear map without
+      zero (``maps.linear_map``) under rank-1 normalization ``n[i, j] = min(rowmax_i,
+      colmax_j)``; stochastic rounding; about 1.04 bytes/param.
+    * 4-bit ``'rank1_dynamic'``: 4-bit Adam's recipe exactly (``mu`` on the 4-bit dynamic
+      map, nearest rounding). ``storage``'s docstring says, with the measurements behind it,
+      why it is not the default: it falls behind f32 on long, converging fits.
 
     Leaves with fewer than ``min_quantized_size`` elements keep f32 moments. ``state_bits=32``
     equals ``optax.scale_by_adam`` on f32 params (the moments are f32 whatever the param
@@ -80,14 +84,17 @@ def scale_by_adam(
         None keeps f32. At 8 or 4 bits the recipe decides, and ``mu_dtype`` is an error.
       nesterov: Nesterov's momentum in the numerator (NAdam, as ``optax``'s ``nesterov``).
       state_bits: 32, 8 or 4.
-      state_format: the recipe at those bits (default ``'dynamic'`` for 8, ``'rank1'`` for 4).
-      block_size: elements per absmax scale; default the recipe's (256 for 8-bit, 128 for
-        4-bit).
+      state_format: the recipe at those bits (default ``'dynamic'`` for 8, ``'factorized'``
+        for 4).
+      block_size: elements per absmax scale; default the recipe's (256 for 8-bit, 32 for
+        ``'factorized'``, 128 for the other 4-bit recipes).
       min_quantized_size: smallest leaf whose moments are quantized.
-      rounding: ``'nearest'`` or ``'stochastic'`` requantization of the moments. Stochastic
-        rounding is unbiased, so a slow EMA (``b2`` near 1, Lion's momentum) keeps moving
-        when its per-step change is below half a map step, where nearest rounding freezes
-        it; the keys come from the step count (reproducible, nothing stored).
+      rounding: ``'nearest'`` or ``'stochastic'`` requantization of the moments; None: the
+        recipe's default (``storage.DEFAULT_ROUNDING``: stochastic for the 4-bit
+        ``'factorized'`` and ``'rank1'``, nearest otherwise). Stochastic rounding is
+        unbiased, so a slow EMA (``b2`` near 1, Lion's momentum) keeps moving when its
+        per-step change is below half a map step, where nearest rounding freezes it; the
+        keys come from the step count (reproducible, nothing stored).
 
     Returns:
       An ``optax.GradientTransformation`` with ``ScaleByAdamState``.
@@ -193,7 +200,7 @@ def adamw(
     state_format: str | None = None,
     block_size: int | None = None,
     min_quantized_size: int = 4096,
-    rounding: str = "nearest",
+    rounding: str | None = None,
 ) -> optax.GradientTransformation:
     """AdamW with optionally 8- or 4-bit moments: ``scale_by_adam``, decoupled weight decay, −lr.
 
@@ -211,11 +218,11 @@ def adamw(
         which leaves decay.
       nesterov: NAdam's numerator (``scale_by_adam``).
       state_bits: 32 (f32 moments), 8 or 4 (see ``scale_by_adam``).
-      state_format: 8-bit ``'dynamic'`` (default) or ``'e4m3'``; 4-bit ``'rank1'`` (default)
-        or ``'factorized'``.
-      block_size: elements per absmax scale (default 256 for 8-bit, 128 for 4-bit).
+      state_format: 8-bit ``'dynamic'`` (default) or ``'e4m3'``; 4-bit ``'factorized'``
+        (default), ``'rank1'`` or ``'rank1_dynamic'``.
+      block_size: elements per absmax scale (default: the recipe's, ``scale_by_adam``).
       min_quantized_size: leaves with fewer elements keep f32 moments.
-      rounding: ``'nearest'`` or ``'stochastic'`` requantization (``scale_by_adam``).
+      rounding: ``'nearest'``, ``'stochastic'`` or None, the recipe's (``scale_by_adam``).
 
     Returns:
       An ``optax.GradientTransformation``; its state is a tuple whose first element is the
@@ -224,7 +231,7 @@ def adamw(
     Example:
       >>> opt = adamw(1e-3, state_bits=4)
       >>> state = opt.init(params)
-      >>> bytes_per_param(state, params)          # ≈ 1.04 for large leaves
+      >>> bytes_per_param(state, params)          # ≈ 0.66 for large leaves
 
     References:
       Loshchilov & Hutter, "Decoupled Weight Decay Regularization", arXiv:1711.05101.
@@ -263,7 +270,7 @@ def adam(
     state_format: str | None = None,
     block_size: int | None = None,
     min_quantized_size: int = 4096,
-    rounding: str = "nearest",
+    rounding: str | None = None,
 ) -> optax.GradientTransformation:
     """Adam with optionally 8- or 4-bit moments: ``adamw`` without weight decay (the chain of
     ``scale_by_adam`` and −lr, as ``optax.adam``, whose arguments it takes in their positions).

@@ -3,7 +3,8 @@
 Terminology:
   momentum:  the one state of these optimizers, a signed running average of gradients; stored
              as a first moment of ``storage.RECIPES`` (8-bit dynamic or E4M3, block 256;
-             4-bit dynamic, block 128; f32 below ``min_quantized_size`` elements).
+             4-bit NF4, block 32, stochastic rounding; f32 below ``min_quantized_size``
+             elements).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def scale_by_lion(
     state_format: str | None = None,
     block_size: int | None = None,
     min_quantized_size: int = 4096,
-    rounding: str = "nearest",
+    rounding: str | None = None,
 ) -> optax.GradientTransformation:
     """Lion's sign update, its momentum optionally stored in 8 or 4 bits.
 
@@ -126,7 +127,7 @@ def lion(
     state_format: str | None = None,
     block_size: int | None = None,
     min_quantized_size: int = 4096,
-    rounding: str = "nearest",
+    rounding: str | None = None,
 ) -> optax.GradientTransformation:
     """Lion with optionally 8- or 4-bit momentum: ``scale_by_lion``, decoupled weight decay,
     −lr (the chain of ``optax.lion``, which ``state_bits=32`` reproduces; its arguments are
@@ -160,7 +161,7 @@ def trace(
     state_format: str | None = None,
     block_size: int | None = None,
     min_quantized_size: int = 4096,
-    rounding: str = "nearest",
+    rounding: str | None = None,
 ) -> optax.GradientTransformation:
     """Momentum (heavy ball or Nesterov), its trace optionally stored in 8 or 4 bits.
 
@@ -192,7 +193,7 @@ def sgd(
     state_format: str | None = None,
     block_size: int | None = None,
     min_quantized_size: int = 4096,
-    rounding: str = "nearest",
+    rounding: str | None = None,
 ) -> optax.GradientTransformation:
     """SGD, with momentum stored in 8 or 4 bits when ``momentum`` is set (``trace``, then −lr;
     ``optax.sgd`` at ``state_bits=32``). Without momentum there is no state to store, and

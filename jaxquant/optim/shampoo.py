@@ -416,10 +416,11 @@ def scale_by_shampoo(
         nus = jax.tree.leaves(state.nu, is_leaf=is_stored)
         pres = treedef.flatten_up_to(state.preconditioners)
         out_u, out_mu, out_nu, out_pre = [], [], [], []
-        for g, mu, nu, pre in zip(grads, mus, nus, pres, strict=True):
+        keys = jax.tree.leaves(moments.keys(updates, count), is_leaf=lambda x: x is None)
+        for g, mu, nu, pre, key in zip(grads, mus, nus, pres, keys, strict=True):
             g32 = g.astype(jnp.float32)
             # Adam's step (the graft) and its first moment m̂, which Shampoo preconditions.
-            u, m_hat, mu_stored, nu_stored = adam_step(g32, mu, nu, count)
+            u, m_hat, mu_stored, nu_stored = adam_step(g32, mu, nu, count, key)
             if pre:
                 left, root_l = update_factor(pre[0], _matmul(g32, g32.T), do_stats, do_root)
                 right, root_r = update_factor(pre[1], _matmul(g32.T, g32), do_stats, do_root)

@@ -7,19 +7,40 @@ Terminology:
   factored:       a second moment of rank >= 2 kept as f32 row and column averages over its
                   last two axes (Adafactor), ``FactoredMoment``.
 
-Recipes (``RECIPES``), block sizes overridable by ``block_size``:
+Recipes (``RECIPES``; the first of each row is the default), block sizes overridable by
+``block_size``:
 
-  ====  ============  ====================================  =====================================
-  bits  state_format  first moment                          second moment
-  ====  ============  ====================================  =====================================
-  32    None          f32                                   f32
-  8     'dynamic'     dynamic map, block 256, sign nudge    unsigned dynamic map, block 256
-  8     'e4m3'        FP8 E4M3, block 256                   FP8 E4M3, block 256
-  4     'rank1'       4-bit dynamic map, block 128          linear map without 0, rank-1
+  ====  ===============  =================================  ===================================
+  bits  state_format     first moment                       second moment
+  ====  ===============  =================================  ===================================
+  32    None             f32                                f32
+  8     'dynamic'        dynamic map, block 256, sign nudge unsigned dynamic map, block 256
+  8     'e4m3'           FP8 E4M3, block 256                FP8 E4M3, block 256
+  4     'factorized'     NF4 map, block 32                  factored (f32 rows + columns) at
+                                                            rank >= 2, else the linear map
+                                                            without 0, block 32
+  4     'rank1'          NF4 map, block 128                 linear map without 0, rank-1
                                                             (block 128 below rank 2)
-  4     'factorized'  4-bit dynamic map, block 128          factored (f32 rows + columns) at
-                                                            rank >= 2, else as 'rank1'
-  ====  ============  ====================================  =====================================
+  4     'rank1_dynamic'  4-bit dynamic map, block 128       as 'rank1' (4-bit Adam exactly)
+  ====  ===============  =================================  ===================================
+
+Rounding (``rounding=None``: the recipe's default, ``DEFAULT_ROUNDING``): stochastic for
+'factorized' and 'rank1', nearest for the others. Why the 4-bit default is not the paper's
+recipe ('rank1_dynamic', nearest rounding), measured in BENCHMARKS.md ("Low-bit optimizer
+states on converging fits") and tested in ``tests/optim/test_low_bit.py``:
+
+* Nearest rounding freezes a slow EMA: with ``b2 = 0.999`` a second moment moves by at most
+  0.1% of itself per step, far less than half a 4-bit step, so a stored ``nu`` can only move
+  with its normalizer and drifts from the true ``nu`` as training goes on. Stochastic rounding
+  is unbiased, so the stored moments follow their own gradients.
+* The 4-bit dynamic map spends three of its eight positive codes below 0.08 of the block's
+  absmax and holds +1 but not −1 (a block's most negative value is stored 11% closer to 0 at
+  every step), so momentum is coarse where most entries are and biased toward positive
+  values. NF4 (normal quantiles, both ±1 and 0) fits a block of momentum entries.
+* With both fixed, the 4-bit first moment is still the largest error: its rounding noise
+  relative to the block's absmax. Blocks of 32 cut it, and factoring the second moment
+  (Adafactor's row and column averages, which lost nothing measurable on our fits) pays for
+  their scales: 'factorized' is about 0.66 bytes per parameter against 'rank1''s 1.04.
 
 Leaves with fewer than ``min_quantized_size`` elements keep f32 moments whatever the recipe.
 """
@@ -42,8 +63,23 @@ from jaxquant.optim.state import (
     linear_format,
 )
 
-RECIPES = {32: (None,), 8: ("dynamic", "e4m3"), 4: ("rank1", "factorized")}
-_DEFAULT_BLOCK = {"dynamic": 256, "e4m3": 256, "rank1": 128, "factorized": 128}
+RECIPES = {32: (None,), 8: ("dynamic", "e4m3"), 4: ("factorized", "rank1", "rank1_dynamic")}
+_DEFAULT_BLOCK = {
+    "dynamic": 256,
+    "e4m3": 256,
+    "factorized": 16,
+    "rank1": 128,
+    "rank1_dynamic": 128,
+}
+DEFAULT_ROUNDING = {
+    None: "nearest",
+    "dynamic": "nearest",
+    "e4m3": "nearest",
+    "factorized": "stochastic",
+    "rank1": "stochastic",
+    "rank1_dynamic": "nearest",
+}
+ROUNDINGS = ("nearest", "stochastic")
 # Added to squared gradients of a factored moment so that an all-zero row cannot make the
 # normalizing mean 0 (Adafactor's eps1).
 _FACTORED_EPS = 1e-30
@@ -190,12 +226,15 @@ def moment_storage(
     *,
     block_size: int | None = None,
     min_quantized_size: int = 4096,
-    rounding: str = "nearest",
+    rounding: str | None = None,
 ) -> MomentStorage:
-    """The ``MomentStorage`` of a recipe (module docstring), validated with clear errors."""
+    """The ``MomentStorage`` of a recipe (module docstring), validated with clear errors.
+    ``rounding=None`` is the recipe's default (``DEFAULT_ROUNDING``)."""
     state_format = check_recipe(state_bits, state_format, block_size, min_quantized_size)
-    if rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"rounding={rounding!r}: expected 'nearest' or 'stochastic'.")
+    if rounding is None:
+        rounding = DEFAULT_ROUNDING[state_format]
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding={rounding!r}: expected 'nearest', 'stochastic' or None.")
     if state_bits == 32:
         return MomentStorage(None, None, False, min_quantized_size)
     b = block_size or _DEFAULT_BLOCK[state_format]
@@ -203,8 +242,9 @@ def moment_storage(
         first, second = dynamic_quantizer(True, 8, b), dynamic_quantizer(False, 8, b)
     elif state_format == "e4m3":
         first = second = StateQuantizer(formats_lib.E4M3, b)
-    else:  # 4-bit: 'rank1' or 'factorized'
-        first = StateQuantizer(dynamic_format(True, 4), b)
+    else:  # 4-bit: 'rank1', 'factorized' or 'rank1_dynamic'
+        first_map = dynamic_format(True, 4) if state_format == "rank1_dynamic" else formats_lib.NF4
+        first = StateQuantizer(first_map, b)
         second = StateQuantizer(linear_format(False, 4), b, "rank1")
     factored = state_format == "factorized"
     return MomentStorage(first, second, factored, min_quantized_size, rounding == "stochastic")

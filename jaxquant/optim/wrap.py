@@ -41,7 +41,7 @@ def quantized_state(
     state_format: str | None = None,
     block_size: int | None = None,
     min_quantized_size: int = 4096,
-    rounding: str = "nearest",
+    rounding: str | None = None,
     second_moment: str | None = r"(^|/)nu(/|$)",
 ) -> optax.GradientTransformation:
     """Wraps an optax transformation so its state is stored quantized between steps.
@@ -67,7 +67,7 @@ def quantized_state(
       state_format: as ``adam.scale_by_adam``.
       block_size: elements per absmax scale (default the recipe's).
       min_quantized_size: smaller leaves stay as they are.
-      rounding: ``'nearest'`` or ``'stochastic'`` (``adam.scale_by_adam``).
+      rounding: ``'nearest'``, ``'stochastic'`` or None, the recipe's (``adam.scale_by_adam``).
       second_moment: regex over leaf paths selecting non-negative leaves, or None.
 
     Returns:

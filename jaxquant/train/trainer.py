@@ -84,7 +84,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
 
     ``config.optim``: ``name`` (``OPTIMIZERS``); ``state_bits`` (32, 8 or 4; Shampoo 32 or 4)
     with ``state_format`` (``''``: the default for the bits; 8: ``dynamic``/``e4m3``; 4:
-    ``rank1``/``factorized``) and ``state_rounding`` (``nearest``/``stochastic``), see
+    ``rank1``/``factorized``/``rank1_dynamic``) and ``state_rounding`` (``''``: the recipe's
+    default, ``nearest``/``stochastic``), see
     ``jaxquant.optim``; Shampoo's ``shampoo_statistics_interval`` and
     ``shampoo_preconditioner_interval`` (steps between Kronecker-statistics updates and between
     inverse roots) and ``shampoo_moment_bits`` (its Adam moments: 32, 8 or 4); ``averaging``
@@ -97,7 +98,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
     name = o.get("name", "adamw")
     bits = o.get("state_bits", 32)
     fmt = o.get("state_format", "") or None
-    rounding = o.get("state_rounding", "nearest")
+    rounding = o.get("state_rounding", "") or None
     q = dict(state_bits=bits, state_format=fmt, rounding=rounding)
     if name == "adamw":
         kw = dict(b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
@@ -115,7 +116,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
             optim.sgd(schedule, momentum=o.get("momentum", 0.9), **q),
         )
     elif name == "shampoo":
-        if fmt is not None or rounding != "nearest":
+        if fmt is not None or rounding is not None:
             raise ValueError(
                 "config.optim.name='shampoo' takes state_bits (32 or 4) only, not state_format "
                 f"({fmt!r}) or state_rounding ({rounding!r})."

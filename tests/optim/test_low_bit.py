@@ -152,14 +152,19 @@ def _run(opt, params, steps, first=0):
     return outs, state, params
 
 
-RECIPES = [(8, "dynamic"), (8, "e4m3"), (4, "rank1"), (4, "factorized")]
+RECIPES = [(8, "dynamic"), (8, "e4m3"), (4, "rank1"), (4, "factorized"), (4, "rank1_dynamic")]
 
 
 def test_layouts_of_each_recipe():
     params = _params(jax.random.key(0))
-    s = adamw(1e-3, state_bits=4).init(params)[0]
-    assert s.mu["w"].q.format.name == "dynamic4s" and s.mu["w"].q.scale.shape == (64,)
+    s = adamw(1e-3, state_bits=4).init(params)[0]  # the default: 'factorized', block 32
+    assert s.mu["w"].q.format.name == "nf4" and s.mu["w"].q.scale.shape == (256,)
+    assert isinstance(s.nu["w"], FactoredMoment)
+    s = adamw(1e-3, state_bits=4, state_format="rank1").init(params)[0]
+    assert s.mu["w"].q.format.name == "nf4" and s.mu["w"].q.scale.shape == (64,)
     assert s.nu["w"].q.format.name == "linear4u" and len(s.nu["w"].axis_max) == 2
+    s = adamw(1e-3, state_bits=4, state_format="rank1_dynamic").init(params)[0]
+    assert s.mu["w"].q.format.name == "dynamic4s" and s.nu["w"].q.format.name == "linear4u"
     s = adamw(1e-3, state_bits=4, state_format="factorized").init(params)[0]
     assert isinstance(s.nu["w"], FactoredMoment) and s.nu["w"].row.shape == (64,)
     assert s.nu["w"].col.shape == (128,)
@@ -179,8 +184,9 @@ def test_each_step_is_the_float_step_from_the_stored_moments(bits, fmt):
     """Three steps: every update equals numpy Adam on the dequantized stored moments, and the
     new stored moments are the float ones requantized (factorized: numpy Adafactor)."""
     params = _params(jax.random.key(0))
-    opt = adam(1e-2, state_bits=bits, state_format=fmt)
-    store = moment_storage(bits, fmt)
+    # Nearest rounding, so that the stored moments are the f32 ones requantized.
+    opt = adam(1e-2, state_bits=bits, state_format=fmt, rounding="nearest")
+    store = moment_storage(bits, fmt, rounding="nearest")
     state = opt.init(params)
     update = jax.jit(opt.update)
     row = np.zeros(64)
@@ -245,14 +251,20 @@ def _f32_least_squares():
 @pytest.mark.parametrize("bits, fmt", RECIPES)
 def test_each_recipe_converges_like_float_on_least_squares(bits, fmt, rounding):
     """Measured (400 steps, start 65.3): f32 0.00739; 8-bit dynamic/E4M3 and 4-bit factorized
-    within 0.3% of it with either rounding; 4-bit rank-1 0.0335 nearest, 0.0186 stochastic
-    (the noise floor is 0.01: f32 has begun to fit the noise)."""
+    within 0.3% of it with either rounding; 4-bit 'rank1' (NF4 first moment) 0.00741
+    stochastic (its default), 0.00806 nearest (+9%: the second moment freezes); the paper's
+    'rank1_dynamic' 0.0335 nearest and 0.0186 stochastic, 4.5x and 2.5x f32 (the noise floor
+    is 0.01: f32 has begun to fit the noise), the failure that made NF4 + stochastic rounding
+    the default."""
     l32, start = _f32_least_squares()
     kw = dict(state_bits=bits, state_format=fmt, min_quantized_size=1024, rounding=rounding)
     lq, _ = _least_squares(adamw(3e-2, weight_decay=1e-4, **kw))
     assert l32 < 0.05 * start
-    if (bits, fmt) == (4, "rank1"):
+    if fmt == "rank1_dynamic":
         assert lq - l32 <= (0.0005 if rounding == "nearest" else 0.0002) * start, (lq, l32)
+        assert lq > 2 * l32, (lq, l32)  # the failure is real: it is why it is not the default
+    elif (fmt, rounding) == ("rank1", "nearest"):
+        assert abs(lq - l32) <= 0.15 * l32, (lq, l32)
     else:
         assert abs(lq - l32) <= 0.02 * l32, (lq, l32)
 
@@ -366,8 +378,10 @@ def test_stochastic_state_rounding_is_unbiased_and_reproducible():
 @pytest.mark.parametrize("bits, fmt", RECIPES)
 def test_quantized_state_of_optax_adam_equals_our_adam(bits, fmt):
     params = _params(jax.random.key(4))
-    wrapped = quantized_state(optax.adam(1e-2), state_bits=bits, state_format=fmt)
-    ours = adam(1e-2, state_bits=bits, state_format=fmt)
+    # Nearest rounding: the two draw their stochastic-rounding keys over different trees.
+    kw = dict(state_bits=bits, state_format=fmt, rounding="nearest")
+    wrapped = quantized_state(optax.adam(1e-2), **kw)
+    ours = adam(1e-2, **kw)
     a, sa, pa = _run(wrapped, params, 4)
     b, sb, pb = _run(ours, params, 4)
     assert isinstance(sa, CompressedState)
@@ -430,5 +444,54 @@ def test_bad_arguments_raise_naming_the_argument(make, name):
 
 
 def test_dynamic_map_is_the_first_moment_map_of_4bit_adam():
-    q = adamw(1e-3, state_bits=4).init({"w": jnp.zeros((64, 128))})[0].mu["w"]
+    """'rank1_dynamic' is the paper's recipe: the first moment on the 4-bit dynamic map."""
+    q = adamw(1e-3, state_bits=4, state_format="rank1_dynamic").init({"w": jnp.zeros((64, 128))})
+    q = q[0].mu["w"]
     np.testing.assert_array_equal(np.asarray(q.q.format.values), dynamic_map(True, 4))
+
+
+def test_nearest_rounding_freezes_a_decaying_second_moment_and_stochastic_tracks_it():
+    """The cause of the paper recipe's drift on long fits. The diagonal of nu keeps a constant
+    gradient (it holds every row's and column's maximum, so the rank-1 normalizer stays 1)
+    while the off-diagonal entries stop receiving gradient: their true nu decays as
+    0.5 · 0.999**t. Under nearest rounding each step's change (0.1% of nu) is far below half a
+    4-bit step (1/32 of the normalizer), so the stored nu never moves: after 1,500 steps it is
+    1/0.999**1500 = 4.5x the truth. Stochastic rounding is unbiased: the mean of the 4,032
+    off-diagonal entries (independent draws, each within one map step, 1/16, of its value)
+    stays within a few percent of the truth; 10% is asserted."""
+    n = 64
+    off = ~np.eye(n, dtype=bool)
+    v0 = jnp.asarray(np.where(off, 0.5, 1.0), jnp.float32)
+    g2 = jnp.asarray(np.eye(n), jnp.float32)
+    truth = 0.5 * 0.999**1500
+    for rounding in ("nearest", "stochastic"):
+        store = moment_storage(4, "rank1", rounding=rounding, min_quantized_size=0)
+        stochastic = rounding == "stochastic"
+
+        @jax.jit
+        def run(stored, store=store, stochastic=stochastic):
+            def body(t, s):
+                key = jax.random.fold_in(jax.random.key(0), t) if stochastic else None
+                return store.update_second(s, g2, 0.999, key)[1]
+
+            return jax.lax.fori_loop(0, 1500, body, stored)
+
+        got = np.asarray(run(store.store_second(v0)).dequantize())
+        np.testing.assert_allclose(np.diag(got), 1.0, rtol=1e-6)
+        if rounding == "nearest":
+            np.testing.assert_array_equal(got[off], 0.5)  # frozen at its first value
+        else:
+            assert abs(got[off].mean() / truth - 1) < 0.1, got[off].mean() / truth
+
+
+def test_nf4_first_moment_stores_either_signs_absmax_and_the_dynamic_map_does_not():
+    """The other cause: the 4-bit dynamic map holds +1 but not -1, so a block whose absmax is
+    negative stores it 11% closer to 0 (-0.8875) at every step, biasing momentum toward
+    positive values. NF4, the default first moment's map, holds both -1 and +1."""
+    nf4 = moment_storage(4, "rank1", min_quantized_size=0).first
+    dyn = moment_storage(4, "rank1_dynamic", min_quantized_size=0).first
+    v = jnp.full((128,), 0.1).at[3].set(-1.0)
+    np.testing.assert_allclose(dyn.quantize(v).dequantize()[3], -0.8875, rtol=1e-6)
+    np.testing.assert_allclose(dyn.quantize(-v).dequantize()[3], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(nf4.quantize(v).dequantize()[3], -1.0, rtol=1e-6)
+    np.testing.assert_allclose(nf4.quantize(-v).dequantize()[3], 1.0, rtol=1e-6)

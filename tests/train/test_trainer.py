@@ -92,14 +92,15 @@ def test_8bit_optimizer_states_train_shard_and_resume_exactly(tmp_path, f32_loss
 
 
 def test_4bit_states_shard_over_the_mesh_and_resume_exactly(tmp_path, f32_losses):
-    """--config.optim.state_bits=4: 4-bit moments (rank-1 second moment) train on a 2x2x2 mesh,
-    the quantized codes spread over all 8 devices, and the checkpoint restores them bit-exactly."""
-    cfg = _config(**{"optim.state_bits": 4, "optim.state_rounding": "stochastic"})
+    """--config.optim.state_bits=4 --config.optim.state_format=rank1: 4-bit moments (rank-1
+    second moment, stochastic rounding) train on a 2x2x2 mesh, the quantized codes spread over
+    all 8 devices, and the checkpoint restores them bit-exactly."""
+    cfg = _config(**{"optim.state_bits": 4, "optim.state_format": "rank1"})
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
     state, losses = trainer.Trainer(cfg, tmp_path / "full").train()
     adam = state.opt_state[1][0]
     mu, nu = adam.mu["embed"]["embedding"], adam.nu["embed"]["embedding"]
-    assert mu.q.format.name == "dynamic4s" and len(nu.axis_max) == 2
+    assert mu.q.format.name == "nf4" and len(nu.axis_max) == 2
     spread = jax.sharding.PartitionSpec(("data", "fsdp", "tensor"))
     assert mu.q.codes.sharding.spec == spread  # 4096 bytes: 512 per device
     assert mu.q.scale.sharding.spec == jax.sharding.PartitionSpec()  # 64 scales: replicated
@@ -115,7 +116,7 @@ def test_4bit_states_shard_over_the_mesh_and_resume_exactly(tmp_path, f32_losses
         pytest.param(  # the state_format wiring: as the factorized case; e4m3 in tests/optim
             {"optim.state_bits": 8, "optim.state_format": "e4m3"}, marks=pytest.mark.slow
         ),
-        {"optim.state_bits": 4, "optim.state_format": "factorized"},
+        {"optim.state_bits": 4},  # the default 4-bit recipe, factorized
         {
             "optim.name": "shampoo",
             "optim.state_bits": 4,
