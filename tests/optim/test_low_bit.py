@@ -157,8 +157,8 @@ RECIPES = [(8, "dynamic"), (8, "e4m3"), (4, "rank1"), (4, "factorized"), (4, "ra
 
 def test_layouts_of_each_recipe():
     params = _params(jax.random.key(0))
-    s = adamw(1e-3, state_bits=4).init(params)[0]  # the default: 'factorized', block 32
-    assert s.mu["w"].q.format.name == "nf4" and s.mu["w"].q.scale.shape == (256,)
+    s = adamw(1e-3, state_bits=4).init(params)[0]  # the default: 'factorized', block 16
+    assert s.mu["w"].q.format.name == "nf4" and s.mu["w"].q.scale.shape == (512,)
     assert isinstance(s.nu["w"], FactoredMoment)
     s = adamw(1e-3, state_bits=4, state_format="rank1").init(params)[0]
     assert s.mu["w"].q.format.name == "nf4" and s.mu["w"].q.scale.shape == (64,)
@@ -271,14 +271,18 @@ def test_each_recipe_converges_like_float_on_least_squares(bits, fmt, rounding):
 
 def test_4bit_state_bytes_are_exact():
     params = {"w": jnp.zeros((1000, 1000)), "b": jnp.zeros((1000,))}
-    state = adamw(1e-3, state_bits=4).init(params)
+    f32_rest = 2 * 1000 * 4 + 4  # f32 bias moments, count
+    state = adamw(1e-3, state_bits=4).init(params)  # 'factorized', block 16
+    blocks = math.ceil(1_000_000 / 16)
+    mu16 = blocks * 16 // 2 + 4 * blocks  # packed 4-bit codes + f32 block scales
+    assert state_nbytes(state) == mu16 + 2 * 1000 * 4 + f32_rest  # f32 rows and columns
+    assert bytes_per_param(state, params) <= 0.8
+    rank1 = adamw(1e-3, state_bits=4, state_format="rank1").init(params)
     blocks = math.ceil(1_000_000 / 128)
-    mu = blocks * 128 // 2 + 4 * blocks  # packed 4-bit codes + f32 block scales
+    mu = blocks * 128 // 2 + 4 * blocks
     nu = 1000 * 500 + 4 + 2 * 1000 * 4  # 4-bit codes, the unit tensor scale, row and col max
-    assert state_nbytes(state) == mu + nu + 2 * 1000 * 4 + 4  # f32 bias moments, count
-    assert bytes_per_param(state, params) <= 1.1
-    fact = adamw(1e-3, state_bits=4, state_format="factorized").init(params)
-    assert state_nbytes(fact) == mu + 2 * 1000 * 4 + 2 * 1000 * 4 + 4
+    assert state_nbytes(rank1) == mu + nu + f32_rest
+    assert bytes_per_param(rank1, params) <= 1.1
     e4 = adamw(1e-3, state_bits=8, state_format="e4m3").init(params)
     blocks = math.ceil(1_000_000 / 256)
     assert state_nbytes(e4) == 2 * (blocks * 256 + 4 * blocks) + 2 * 1000 * 4 + 4
@@ -349,13 +353,17 @@ def test_quantized_momentum_tracks_float(bits, fmt):
 def test_stochastic_rounding_lets_quantized_lion_converge_like_float(bits):
     """Lion's momentum decays by b2 = 0.99: with nearest rounding a step of 0.01·g below half a
     map step is lost and the momentum freezes. Measured (600 steps): f32 1.273; 8-bit 6.83
-    nearest, 1.272 stochastic; 4-bit 25.8 nearest, 1.40 stochastic."""
+    nearest, 1.272 stochastic; 4-bit (NF4, block 16) 29.2 nearest, 1.45 stochastic (the
+    default). 4-bit Lion stays 14% behind f32 here: its sign update flips wherever the
+    momentum's rounding noise exceeds |b1·mu + (1 − b1)·g| (BENCHMARKS.md measures more)."""
     kw = dict(weight_decay=0.0, state_bits=bits, min_quantized_size=1024)
     l32, start = _least_squares(lion(3e-3, weight_decay=0.0), steps=600)
-    near, _ = _least_squares(lion(3e-3, **kw), steps=600)
+    near, _ = _least_squares(lion(3e-3, rounding="nearest", **kw), steps=600)
     sto, _ = _least_squares(lion(3e-3, rounding="stochastic", **kw), steps=600)
     assert l32 < 0.05 * start
     assert abs(sto - l32) <= (0.05 if bits == 8 else 0.2) * l32, (sto, l32)
+    default, _ = _least_squares(lion(3e-3, **kw), steps=600)
+    assert default == (near if bits == 8 else sto), (default, near, sto)  # the default rounding
     assert near > 2 * sto, (near, sto)
 
 
