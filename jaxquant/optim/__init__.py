@@ -32,11 +32,18 @@ from jaxquant.optim.state import (
     quantize_state,
     state_nbytes,
 )
-from jaxquant.optim.storage import RECIPES, FactoredMoment, MomentStorage, moment_storage
+from jaxquant.optim.storage import (
+    RECIPES,
+    STATIC_ARGS,
+    FactoredMoment,
+    MomentStorage,
+    moment_storage,
+)
 from jaxquant.optim.wrap import CompressedState, quantized_state
 
 __all__ = [
     "RECIPES",
+    "STATIC_ARGS",
     "FactoredMoment",
     "MomentStorage",
     "MomentumState",

@@ -37,10 +37,10 @@ def scale_by_adam(
     mu_dtype=None,
     *,
     nesterov: bool = False,
-    state_bits: int = 32,
+    state_bits: int | None = None,
     state_format: str | None = None,
     block_size: int | None = None,
-    min_quantized_size: int = 4096,
+    min_quantized_size: int | None = None,
     rounding: str | None = None,
 ) -> optax.GradientTransformation:
     """Rescales updates by Adam's bias-corrected moments, optionally stored in 8 or 4 bits.
@@ -196,10 +196,10 @@ def adamw(
     mask=None,
     *,
     nesterov: bool = False,
-    state_bits: int = 32,
+    state_bits: int | None = None,
     state_format: str | None = None,
     block_size: int | None = None,
-    min_quantized_size: int = 4096,
+    min_quantized_size: int | None = None,
     rounding: str | None = None,
 ) -> optax.GradientTransformation:
     """AdamW with optionally 8- or 4-bit moments: ``scale_by_adam``, decoupled weight decay, −lr.
@@ -266,10 +266,10 @@ def adam(
     mu_dtype=None,
     *,
     nesterov: bool = False,
-    state_bits: int = 32,
+    state_bits: int | None = None,
     state_format: str | None = None,
     block_size: int | None = None,
-    min_quantized_size: int = 4096,
+    min_quantized_size: int | None = None,
     rounding: str | None = None,
 ) -> optax.GradientTransformation:
     """Adam with optionally 8- or 4-bit moments: ``adamw`` without weight decay (the chain of

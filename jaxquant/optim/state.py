@@ -148,6 +148,11 @@ class StateQuantizer:
         flat = jnp.pad(flat, (0, padded - flat.size))
         scaling = Scaling(axis=0, group_size=self.block_size)
         q = ScalarQuantizer(self.fmt, scaling, rounding=rounding).quantize(flat, key=key)
+        # An all-zero block gets scale 0, so it reads back as 0 even on a map without 0 (the
+        # quantizer's guard scale of 1 would store 1/16 there: a zero second moment of 0.0625).
+        absmax = jnp.max(jnp.abs(flat.reshape(-1, self.block_size)), axis=1)
+        scale = jnp.where(absmax.reshape(q.scale.shape) > 0, q.scale, 0)
+        q = q.replace(scale=scale.astype(q.scale.dtype))
         if self.sign_nudge:
             q = _sign_nudge(q, flat)
         return QuantizedMoment(q=q, shape=shape)

@@ -52,6 +52,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jaxquant.numerics import formats as formats_lib
@@ -100,8 +101,33 @@ class FactoredMoment:
         return self.row[..., :, None] * self.col[..., None, :] / jnp.where(mean > 0, mean, 1.0)
 
 
+# The low-bit options that fix a state's structure: Python values, never arrays. Under
+# ``optax.inject_hyperparams`` pass ``static_args=STATIC_ARGS`` when setting any of them (their
+# defaults, None, need nothing).
+STATIC_ARGS = ("state_bits", "state_format", "block_size", "min_quantized_size", "rounding")
+DEFAULT_MIN_QUANTIZED_SIZE = 4096
+
+
+def _check_static(**kw):
+    for name, value in kw.items():
+        if isinstance(value, (jax.Array, np.ndarray)):
+            raise ValueError(
+                f"{name}={value!r} arrived as an array: it fixes the optimizer state's structure "
+                "and must be a Python value. Under optax.inject_hyperparams pass "
+                "static_args=jaxquant.optim.STATIC_ARGS."
+            )
+
+
 def check_recipe(state_bits, state_format, block_size, min_quantized_size) -> str | None:
-    """Validates the arguments; returns ``state_format`` with its default filled in."""
+    """Validates the arguments; returns ``state_format`` with its default filled in.
+    ``state_bits=None`` is 32."""
+    _check_static(
+        state_bits=state_bits, block_size=block_size, min_quantized_size=min_quantized_size
+    )
+    state_bits = 32 if state_bits is None else state_bits
+    min_quantized_size = (
+        DEFAULT_MIN_QUANTIZED_SIZE if min_quantized_size is None else min_quantized_size
+    )
     if isinstance(state_bits, bool) or state_bits not in RECIPES:
         raise ValueError(f"state_bits={state_bits!r}: expected one of {sorted(RECIPES)}.")
     if state_format is None:
@@ -135,7 +161,7 @@ def check_mu_dtype(mu_dtype, state_bits):
         raise ValueError(f"mu_dtype={mu_dtype!r}: expected a float dtype or None.") from e
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"mu_dtype={mu_dtype!r}: expected a float dtype or None.")
-    if state_bits != 32:
+    if state_bits not in (None, 32):
         raise ValueError(
             f"mu_dtype={mu_dtype!r} with state_bits={state_bits}: the first moment is stored "
             "by the low-bit recipe; pass mu_dtype only with state_bits=32."
@@ -231,6 +257,9 @@ def moment_storage(
     """The ``MomentStorage`` of a recipe (module docstring), validated with clear errors.
     ``rounding=None`` is the recipe's default (``DEFAULT_ROUNDING``)."""
     state_format = check_recipe(state_bits, state_format, block_size, min_quantized_size)
+    state_bits = 32 if state_bits is None else state_bits
+    if min_quantized_size is None:
+        min_quantized_size = DEFAULT_MIN_QUANTIZED_SIZE
     if rounding is None:
         rounding = DEFAULT_ROUNDING[state_format]
     if rounding not in ROUNDINGS:
