@@ -275,6 +275,22 @@ CASES = [
 ]
 
 
+# Cases whose code a sibling case runs (the same transform with another map, rounding or
+# recipe name): the mesh and inject_hyperparams tests, which compile a sharded executable per
+# case, run them only in the slow run (-m slow), to keep the default run inside CI's budget.
+SIBLINGS = {
+    "adam-32": "adamw-32",
+    "adamw-4-factorized": "adam-4",
+    "adamw-4-rank1-nearest": "adamw-4-rank1",
+    "adamw-4-rank1_dynamic": "adamw-4-rank1",
+    "adamw-8-dynamic-stochastic": "adam-4",
+    "lion-32": "lion-8",
+    "sgd-32": "sgd-8",
+    "quantized_state-adam-8": "quantized_state-adam-4",
+}
+_SLOW_FOR_SIBLINGS = ("inject_hyperparams", "sharded")
+
+
 def _cases(test: str, where=lambda case: True):
     """The registry as pytest params of ``test``, with the cases' xfail marks for it."""
     out = []
@@ -283,6 +299,8 @@ def _cases(test: str, where=lambda case: True):
             continue
         reason = dict(case.xfail).get(test)
         marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        if test in _SLOW_FOR_SIBLINGS and case.id in SIBLINGS:
+            marks.append(pytest.mark.slow)
         out.append(pytest.param(case, id=case.id, marks=marks))
     return out
 
