@@ -13,6 +13,10 @@ included) and the step time relative to ``f32``. Step times are taken after trai
 separate phase that runs ``timing_steps`` steps of every variant round-robin in blocks of 10
 (after a compiled warm-up), so that a change in the machine's load hits all variants alike;
 each variant's time is the median of its blocks' per-step times.
+
+Every state format on three problems (regression, classification, a small LM), two horizons
+and three seeds, through schedules that converge: ``benchmarks/optim_fits.py``. Which stored
+moment costs what: ``benchmarks/optim_ablation.py``.
 """
 
 import os
@@ -51,6 +55,8 @@ VARIANTS = {
     "fp8": {"state_bits": 8, "state_format": "e4m3"},
     "4bit": {"state_bits": 4},
     "4bit_stochastic": {"state_bits": 4, "state_rounding": "stochastic"},
+    "4bit_nearest": {"state_bits": 4, "state_rounding": "nearest"},
+    "4bit_paper": {"state_bits": 4, "state_format": "rank1_dynamic"},
     "4bit_factorized": {"state_bits": 4, "state_format": "factorized"},
     "shampoo_f32": {"name": "shampoo", "state_bits": 32},
     "shampoo_4bit": {"name": "shampoo", "state_bits": 4},
