@@ -22,31 +22,19 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from optim_fits import mlp, mlp_init  # noqa: E402  (the same tanh MLP as the grid's)
 
 from jaxquant.numerics import formats as F  # noqa: E402
 from jaxquant.optim import storage as S  # noqa: E402
 from jaxquant.optim.adam import AdamLeafStep, ScaleByAdamState  # noqa: E402
 from jaxquant.optim.maps import dynamic_map  # noqa: E402
 from jaxquant.optim.state import StateQuantizer, dynamic_format, linear_format  # noqa: E402
-
-
-def mlp_init(key, sizes):
-    ps = []
-    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
-        key, k = jax.random.split(key)
-        ps.append({"w": jax.random.normal(k, (a, b)) / np.sqrt(a), "b": jnp.zeros(b)})
-    return ps
-
-
-def mlp(ps, x):
-    for p in ps[:-1]:
-        x = jnp.tanh(x @ p["w"] + p["b"])
-    return x @ ps[-1]["w"] + ps[-1]["b"]
 
 
 def make_adam(store, lr, wd=1e-4, b1=0.9, b2=0.999):
@@ -84,27 +72,7 @@ _d = list(dynamic_map(True, 4))
 _d.remove(min(v for v in _d if v > 0))
 _d.append(-1.0)
 SYM = F.LookupFormat(tuple(sorted(_d)), label="dyn4sym")
-NF4 = F.LookupFormat(
-    (
-        -1.0,
-        -0.6961928009986877,
-        -0.5250730514526367,
-        -0.39491748809814453,
-        -0.28444138169288635,
-        -0.18477343022823334,
-        -0.09105003625154495,
-        0.0,
-        0.07958029955625534,
-        0.16093020141124725,
-        0.24611230194568634,
-        0.33791524171829224,
-        0.44070982933044434,
-        0.5626170039176941,
-        0.7229568362236023,
-        1.0,
-    ),
-    label="nf4x",
-)
+NF4 = F.NF4
 M4 = StateQuantizer(dynamic_format(True, 4), 128)
 NU_R1 = StateQuantizer(linear_format(False, 4), 128, "rank1")
 

@@ -150,7 +150,7 @@ VARIANTS = {
 REFERENCE = {"adamw": "adamw_f32", "lion": "lion_f32", "sgdm": "sgdm_f32", "shampoo": "shampoo_f32"}
 
 
-def _mlp_init(key, sizes):
+def mlp_init(key, sizes):
     params = []
     for a, b in zip(sizes[:-1], sizes[1:], strict=True):
         key, k = jax.random.split(key)
@@ -158,7 +158,7 @@ def _mlp_init(key, sizes):
     return params
 
 
-def _mlp(params, x):
+def mlp(params, x):
     for p in params[:-1]:
         x = jnp.tanh(x @ p["w"] + p["b"])
     return x @ params[-1]["w"] + params[-1]["b"]
@@ -173,14 +173,14 @@ class Regression(Problem):
     din = 32
 
     def __init__(self, seed):
-        self.teacher = _mlp_init(jax.random.key(10_000 + seed), [self.din, 64, 64, 1])
+        self.teacher = mlp_init(jax.random.key(10_000 + seed), [self.din, 64, 64, 1])
         self.x_eval = jax.random.normal(jax.random.key(7), (8192, self.din))
 
     def init(self, seed):
-        return _mlp_init(jax.random.key(seed), [self.din, 256, 256, 1])
+        return mlp_init(jax.random.key(seed), [self.din, 256, 256, 1])
 
     def _mse(self, params, x):
-        return jnp.mean((_mlp(params, x) - _mlp(self.teacher, x)) ** 2)
+        return jnp.mean((mlp(params, x) - mlp(self.teacher, x)) ** 2)
 
     def loss(self, params, key):
         return self._mse(params, jax.random.normal(key, (128, self.din)))
@@ -197,10 +197,10 @@ class Classification(Problem):
         self.y = jnp.asarray(labels)
 
     def init(self, seed):
-        return _mlp_init(jax.random.key(seed), [64, 256, 256, 10])
+        return mlp_init(jax.random.key(seed), [64, 256, 256, 10])
 
     def _ce(self, params, x, y):
-        return optax.softmax_cross_entropy_with_integer_labels(_mlp(params, x), y).mean()
+        return optax.softmax_cross_entropy_with_integer_labels(mlp(params, x), y).mean()
 
     def loss(self, params, key):
         idx = jax.random.randint(key, (128,), 0, self.y.shape[0])
