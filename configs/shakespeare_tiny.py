@@ -4,6 +4,8 @@ Run:
   python train.py --config=configs/shakespeare_tiny.py --workdir=/tmp/tiny
   python train.py --config=configs/shakespeare_tiny.py:qat_int8 --workdir=/tmp/tiny_int8
   python train.py --config=configs/shakespeare_tiny.py:qat_int4 --workdir=/tmp/tiny_int4
+  python train.py --config=configs/shakespeare_tiny.py --config.quant.train=nvfp4 \
+      --workdir=/tmp/tiny_nvfp4
   python train.py --config=configs/shakespeare_tiny.py --workdir=/tmp/tiny --mode=eval
   python train.py --config=configs/shakespeare_tiny.py --workdir=/tmp/tiny --mode=generate
   python train.py --config=configs/shakespeare_tiny.py --workdir=/tmp/tiny --mode=ptq \
@@ -81,6 +83,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.quant = ml_collections.ConfigDict()
     c.quant.qat = "int8" if "qat_int8" in options else "int4" if "qat_int4" in options else ""
+    # fully quantized training (all three matmuls of every linear layer): '' | fp8 |
+    # fp8_rowwise | fp8_delayed | mxfp4_quartet | nvfp4 (jaxquant.numerics.training)
+    c.quant.train = ""
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 32

@@ -5,7 +5,9 @@ any quantizer (presets ``jq.INT4_G128``, ``jq.NVFP4``, ...; ``jq.ScalarQuantizer
 ``jq.VectorQuantizer``; registry names via ``jq.get_quantizer``), the quantized tensors
 (``jq.QArray``, ``jq.VQArray``), Flax rules and modes (``jq.QuantRule``, ``jq.QuantConfig``,
 ``jq.intercept``, ``jq.freeze``, ``jq.serving_params``), post-training quantization
-(``jq.quantize_model``) and the optimizers with low-bit states (``jq.adamw``, ...). The
+(``jq.quantize_model``), fully quantized training (``jq.train_matmul``, ``jq.TrainingRecipe``,
+``jq.get_training_recipe``; ``QuantRule(train='nvfp4')``) and the optimizers with low-bit
+states (``jq.adamw``, ...). The
 packages hold the rest: ``jaxquant.numerics``, ``vq``, ``nn``, ``optim``, ``models``, ``ptq``,
 ``data``, ``train``, ``eval`` (docs/architecture.md).
 """
@@ -53,6 +55,7 @@ from jaxquant.numerics import (
     NF4,
     NVFP4,
     PRESETS,
+    TRAINING_RECIPES,
     Calibration,
     FloatFormat,
     Format,
@@ -63,13 +66,16 @@ from jaxquant.numerics import (
     Quantizer,
     ScalarQuantizer,
     Scaling,
+    TrainingRecipe,
     fake_quant,
     get_quantizer,
+    get_training_recipe,
     gptq,
     is_quantized,
     kernel_options,
     layer_error,
     quantize,
+    train_matmul,
 )
 from jaxquant.optim import (
     adam,
@@ -95,6 +101,10 @@ from jaxquant.vq import (
 )
 
 __all__ = [
+    "TRAINING_RECIPES",
+    "TrainingRecipe",
+    "get_training_recipe",
+    "train_matmul",
     "E2M1",
     "E2M3",
     "E3M2",

@@ -141,6 +141,13 @@ def dense_contraction(module, args, kwargs) -> ops.Contraction:
             y = lax.dot_general(x, w, dims, precision=module.precision)
         return y if bias is None else y + jnp.reshape(bias, expanded + features)
 
+    def as_matmul(x, w, mm):
+        x, w, bias = _promote(module, x, w, _bias(module))
+        n = len(axis)
+        lead, k = x.shape[: x.ndim - n], math.prod(x.shape[x.ndim - n :])
+        y = mm(x.reshape(-1, k), w.reshape(k, -1)).astype(x.dtype).reshape(lead + features)
+        return y if bias is None else y + jnp.reshape(bias, expanded + features)
+
     return ops.Contraction(
         inputs=inputs,
         weight="kernel",
@@ -149,6 +156,7 @@ def dense_contraction(module, args, kwargs) -> ops.Contraction:
         input_axes=axis,
         batched=bool(batch_dims),
         apply=apply,
+        matmul=as_matmul if _is_plain(ndim, dims) else None,
     )
 
 
@@ -197,6 +205,18 @@ def einsum_contraction(module, args, kwargs) -> ops.Contraction:
     out_letters = re.findall(r"\.\.\.|.", out)
     bias_shape = tuple(kernel_shape[rhs.index(c)] for c in out_letters if c in rhs)
 
+    def add_bias(y, bias):
+        if bias is None:
+            return y
+        lead = y.ndim - (len(out_letters) - ("..." in out_letters))
+        shape = []
+        for c in out_letters:
+            if c == "...":
+                shape.extend([1] * lead)
+            else:
+                shape.append(kernel_shape[rhs.index(c)] if c in rhs else 1)
+        return y + jnp.reshape(bias.reshape(bias_shape), shape)
+
     def apply(x, w):
         x, w, bias = _promote(module, x, w, _bias(module))
         if is_quantized(w) and _is_matmul(lhs, rhs, out, contracted):
@@ -220,16 +240,14 @@ def einsum_contraction(module, args, kwargs) -> ops.Contraction:
                 precision=module.precision,
                 preferred_element_type=module.preferred_element_type,
             )
-        if bias is None:
-            return y
-        lead = y.ndim - (len(out_letters) - ("..." in out_letters))
-        shape = []
-        for c in out_letters:
-            if c == "...":
-                shape.extend([1] * lead)
-            else:
-                shape.append(kernel_shape[rhs.index(c)] if c in rhs else 1)
-        return y + jnp.reshape(bias.reshape(bias_shape), shape)
+        return add_bias(y, bias)
+
+    def as_matmul(x, w, mm):
+        x, w, bias = _promote(module, x, w, _bias(module))
+        n = len(contracted)
+        lead, k = x.shape[: x.ndim - n], math.prod(x.shape[x.ndim - n :])
+        y = mm(x.reshape(-1, k), w.reshape(k, -1)).astype(x.dtype)
+        return add_bias(y.reshape(lead + kernel_shape[n:]), bias)
 
     return ops.Contraction(
         inputs=inputs,
@@ -239,6 +257,7 @@ def einsum_contraction(module, args, kwargs) -> ops.Contraction:
         input_axes=tuple(in_axes[c] for c in contracted),
         batched=batched,
         apply=apply,
+        matmul=as_matmul if _is_matmul(lhs, rhs, out, contracted) else None,
     )
 
 
@@ -352,6 +371,15 @@ def conv_contraction(module, args, kwargs) -> ops.Contraction:
         patches = patches.reshape((-1, in_features, math.prod(size)))
         return jnp.swapaxes(patches, 1, 2).reshape(-1, math.prod(size) * in_features)
 
+    def as_matmul(x, w, mm):
+        # the convolution as its patches [tokens, window * C_in] times the kernel's view
+        x, w, bias = module.promote_dtype(x, w, _bias(module), dtype=module.dtype)
+        out = jax.eval_shape(convolve, x, w)
+        y = mm(rows(x), w.reshape(-1, module.features)).astype(out.dtype).reshape(out.shape)
+        if bias is not None:
+            y = y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
+        return restore(y)
+
     return ops.Contraction(
         inputs=inputs,
         weight="kernel",
@@ -361,6 +389,7 @@ def conv_contraction(module, args, kwargs) -> ops.Contraction:
         batched=groups > 1,
         apply=apply,
         rows=rows,
+        matmul=as_matmul if groups == 1 else None,
     )
 
 

@@ -6,7 +6,10 @@ A layer (ours, or a plain Flax one under ``intercept``) describes its matmul as 
 
   float:      the layer's own Flax ``__call__``.
   calibrate:  records its input statistics, then the layer's own ``__call__``.
-  qat:        fake-quantizes the input (``act``) and the weight (``weight``), then contracts.
+  qat:        fake-quantizes the input (``act``) and the weight (``weight``), then contracts;
+              with a training recipe (``QuantRule(train=...)``) the layer's matmul is
+              ``numerics.training.train_matmul`` instead: its forward and both backward
+              products quantized (``train_call``).
   serve:      fake-quantizes the input (``act``) and contracts with the frozen weight from
               ``'quant'`` through its ``dot_general`` (a Pallas kernel where one applies).
 
@@ -18,6 +21,9 @@ Variables a quantized layer may own (besides Flax's own params):
   'qstats'/count            f32 [], rows seen.
   'qstats'/absmax           f32 [], the largest input magnitude seen.
   'quant'/<weight>          the frozen QuantizedTensor (``freeze`` / ``quantize_model`` make it).
+  '_overwrite_with_gradient'/<weight>_amax_history
+                            a delayed-scaling recipe's amax histories (``{name: f32 [H]}``);
+                            their gradient is their next value (Flax's fp8 convention).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from jax import lax
 
 from jaxquant.nn.rules import QuantConfig, layer_path
 from jaxquant.numerics import Quantizer, is_quantized
+from jaxquant.numerics import training as training_lib
 
 _FLOAT = QuantConfig()
 
@@ -87,6 +94,9 @@ class Contraction:
       rows: ``inputs -> [tokens, K]``: the samples of the contracted input the weight's view
         multiplies, in the order of its merged contracted axes (a convolution's patches); None:
         ``input_axes`` moved last and flattened (``contracted_rows``).
+      matmul: ``(inputs, weight, mm) -> output``: the contraction and bias with its product
+        computed as ``mm(x2 [M, K], w2 [K, N])`` (training recipes), or None where the layer's
+        contraction is not one 2-D matmul (batch axes, a convolution).
     """
 
     inputs: jax.Array
@@ -97,6 +107,7 @@ class Contraction:
     batched: bool
     apply: Callable[[jax.Array, Any], jax.Array]
     rows: Callable[[jax.Array], jax.Array] | None = None
+    matmul: Callable[[jax.Array, jax.Array, Callable], jax.Array] | None = None
 
     def input_rows(self, x: jax.Array) -> jax.Array:
         """``x``'s contracted samples as ``[tokens, K]`` (what the Hessian sums over)."""
@@ -360,7 +371,48 @@ def quantized_call(
         # the layer's own call (once: a second call at initialization would create its params
         # again)
         return flax_call(*args, **kwargs) if initial is None else initial
+    if config.mode == "qat" and rule is not None and rule.train is not None:
+        return train_call(module, rule.train, c, weight)
     x = c.inputs
     if rule is not None and rule.act is not None:
         x = quantize_input(module, x, c.input_axes, rule.act)
     return c.apply(x, weight)
+
+
+def train_call(module, recipe: training_lib.TrainingRecipe, c: Contraction, weight):
+    """The layer's contraction with its matmul quantized per ``recipe`` in all three products
+    (``training_lib.train_matmul``). The key comes from the ``'train_recipe'`` rng stream (a
+    fresh one per call) when the recipe needs one; delayed scaling keeps its amax histories in
+    ``'_overwrite_with_gradient'``."""
+    path = layer_path(module)
+    if c.matmul is None:
+        raise ValueError(
+            f"{path} ({type(module).__name__}): training recipe {recipe.name!r} quantizes a 2-D "
+            "matmul, and this layer's contraction is not one (batch axes, a convolution, or an "
+            "Einsum that is not 'AC,CF->AF'-shaped). Narrow the rule's path to leave it out, "
+            "or quantize it with QAT (weight=, act=)."
+        )
+    key = None
+    if recipe.needs_key:
+        if not module.has_rng(training_lib.RNG_STREAM):
+            if recipe.forward.needs_key:
+                raise ValueError(
+                    f"{path}: training recipe {recipe.name!r} draws random numbers in its "
+                    f"forward pass: apply with rngs={{{training_lib.RNG_STREAM!r}: key}}."
+                )
+        else:
+            key = module.make_rng(training_lib.RNG_STREAM)
+    histories = None
+    if recipe.history_names():
+        var = module.variable(
+            training_lib.OVERWRITE_COLLECTION, f"{c.weight}_amax_history", recipe.init_histories
+        )
+        histories = var.value
+
+    def mm(x2, w2):
+        try:
+            return training_lib.train_matmul(x2, w2, recipe, key=key, histories=histories)
+        except ValueError as e:
+            raise ValueError(f"{path or '<root>'} ({type(module).__name__}): {e}") from None
+
+    return c.matmul(c.inputs, weight, mm)

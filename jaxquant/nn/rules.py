@@ -23,6 +23,7 @@ import dataclasses
 import re
 
 from jaxquant.numerics import Quantizer, as_quantizer
+from jaxquant.numerics.training import TrainingRecipe, get_training_recipe
 
 MODES = ("float", "qat", "calibrate", "serve")
 ROLES = ("linear", "embedding", "head")
@@ -52,12 +53,21 @@ class QuantRule:
       weight: the weight's quantizer (a ``Quantizer``, a registry name, or an element format
         for one scale per tensor), or None to leave the weight in float.
       act: the input activation's quantizer (scalar formats only), or None.
+      train: a ``TrainingRecipe`` or its name (``'fp8'``, ``'fp8_delayed'``,
+        ``'mxfp4_quartet'``, ``'nvfp4'``, ...): in qat mode the layer's matmul quantizes its
+        forward and both backward products (``jaxquant.numerics.training``) instead of
+        fake-quantizing ``weight`` and ``act`` (so it takes neither).
       roles: the layer roles the rule applies to (default: linear layers only).
+
+    A rule with no weight, act or train quantizes nothing: it keeps the layers it matches in
+    float (put it before a broader rule, e.g. to keep the last block of a model in high
+    precision).
     """
 
     path: str
     weight: Quantizer | None = dataclasses.field(default=None, kw_only=True)
     act: Quantizer | None = dataclasses.field(default=None, kw_only=True)
+    train: TrainingRecipe | None = dataclasses.field(default=None, kw_only=True)
     roles: tuple[str, ...] = dataclasses.field(default=("linear",), kw_only=True)
 
     def __post_init__(self):
@@ -76,6 +86,13 @@ class QuantRule:
                 f"QuantRule({self.path!r}) act={self.act.name}: vector quantizers quantize "
                 "weights, not activations."
             )
+        if self.train is not None:
+            object.__setattr__(self, "train", get_training_recipe(self.train))
+            if self.weight is not None or self.act is not None:
+                raise ValueError(
+                    f"QuantRule({self.path!r}) train={self.train.name!r} quantizes the weight and "
+                    "the input in all three products itself: drop weight= and act=."
+                )
         roles = (self.roles,) if isinstance(self.roles, str) else tuple(self.roles)
         bad = [r for r in roles if r not in ROLES]
         if bad or not roles:

@@ -8,6 +8,10 @@ element format and its scaling, calibration and QAT mode), and ``INT4``, ``INT4_
 The two entry points everything builds on are ``quantize(x, quantizer, ...)`` (a
 ``QuantizedTensor``: here a ``QArray``) and ``fake_quant(x, quantizer, ...)``; with a Hessian,
 ``quantize`` runs GPTQ (``gptq``). ``get_quantizer(name)`` parses every registry name.
+
+Fully quantized training (``training``): ``train_matmul(x, w, recipe)`` quantizes the forward
+and both backward products per a ``TrainingRecipe`` (``get_training_recipe('fp8')``,
+``'fp8_delayed'``, ``'mxfp4_quartet'``, ``'nvfp4'``, ...).
 """
 
 from jaxquant.numerics.api import fake_quant, quantize
@@ -57,9 +61,23 @@ from jaxquant.numerics.qarray import QArray, QuantizedTensor, is_quantized
 from jaxquant.numerics.quantizer import Quantizer, get_quantizer
 from jaxquant.numerics.scalar import ScalarQuantizer, as_quantizer
 from jaxquant.numerics.scaling import Scaling
+from jaxquant.numerics.training import (
+    TRAINING_RECIPES,
+    OperandQuant,
+    ProductRecipe,
+    TrainingRecipe,
+    get_training_recipe,
+    train_matmul,
+)
 from pallas_kernels.packing import pack, packed_length, unpack
 
 __all__ = [
+    "TRAINING_RECIPES",
+    "OperandQuant",
+    "ProductRecipe",
+    "TrainingRecipe",
+    "get_training_recipe",
+    "train_matmul",
     "Calibration",
     "DampedHessian",
     "E2M1",

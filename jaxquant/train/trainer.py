@@ -34,6 +34,7 @@ from jaxquant import numerics, optim
 from jaxquant.data import BatchIterator, get_tokenizer, load_text
 from jaxquant.models import Llama, LlamaConfig, load_pretrained
 from jaxquant.nn import QuantConfig, QuantRule, partitioning
+from jaxquant.numerics import training as training_lib
 from jaxquant.train import evaluator as evaluator_lib
 from jaxquant.train import metrics as metrics_lib
 
@@ -45,11 +46,33 @@ QAT_RECIPES: dict[str, tuple[QuantRule, ...]] = {
 }
 
 
+def train_rules(name: str, num_layers: int) -> tuple[QuantRule, ...]:
+    """The rules of ``config.quant.train``: every linear layer trains with the recipe
+    (``numerics.training``); NVFP4 keeps the last eighth of the blocks (at least one, unless
+    the model has only one) in high precision, as its paper keeps the last blocks in BF16.
+    Embeddings, the head and the attention products (not layers) stay in float under every
+    recipe."""
+    if not name:
+        return ()
+    recipe = training_lib.get_training_recipe(name)
+    rules = []
+    if recipe.name == "nvfp4":
+        keep = max(1, round(num_layers / 8)) if num_layers > 1 else 0
+        if keep:
+            last = "|".join(str(i) for i in range(num_layers - keep, num_layers))
+            rules.append(QuantRule(rf"(^|/)layers_({last})/"))
+    rules.append(QuantRule(".*", train=recipe))
+    return tuple(rules)
+
+
 @struct.dataclass
 class TrainState:
     step: jax.Array  # int32 []
     params: dict
     opt_state: optax.OptState
+    # a delayed-scaling recipe's amax histories (the '_overwrite_with_gradient' collection):
+    # replaced by their gradient each step, not stepped by the optimizer
+    overwrite: dict = struct.field(default_factory=dict)
 
 
 OPTIMIZERS = ("adamw", "lion", "sgd", "shampoo")
@@ -144,34 +167,51 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
     return tx
 
 
-def _loss_fn(model: nn.Module, params, inputs, targets):
-    logits = model.apply({"params": params}, inputs)
+def _loss_fn(model: nn.Module, params, overwrite, inputs, targets, key):
+    variables = {"params": params}
+    if overwrite:
+        variables[training_lib.OVERWRITE_COLLECTION] = overwrite
+    logits = model.apply(variables, inputs, rngs={training_lib.RNG_STREAM: key})
     nats, count = evaluator_lib.cross_entropy(logits, targets, jnp.ones(targets.shape))
     return nats / count
 
 
-def train_step(state: TrainState, batch, *, model, optimizer, grad_accum_steps: int):
-    """One optimizer step on a global batch, gradients averaged over ``grad_accum_steps``."""
+def train_step(state: TrainState, batch, *, model, optimizer, grad_accum_steps: int, seed: int = 0):
+    """One optimizer step on a global batch, gradients averaged over ``grad_accum_steps``.
+
+    A training recipe's random numbers come from ``fold_in(key(seed), step)`` (one key per
+    microbatch), so a resumed run draws what an uninterrupted one does. Delayed-scaling amax
+    histories (``state.overwrite``) take their gradient, the updated history, as their next
+    value: the elementwise max over microbatches (each rolled the same history)."""
     inputs, targets = batch["inputs"], batch["targets"]
     micro = inputs.shape[0] // grad_accum_steps
     split = lambda x: x.reshape(grad_accum_steps, micro, *x.shape[1:])  # noqa: E731
-    grad_fn = jax.value_and_grad(functools.partial(_loss_fn, model))
+    grad_fn = jax.value_and_grad(functools.partial(_loss_fn, model), argnums=(0, 1))
+    step_key = jax.random.fold_in(jax.random.key(seed), state.step)
 
     def accumulate(carry, mb):
-        loss_sum, grad_sum = carry
-        loss, grads = grad_fn(state.params, mb[0], mb[1])
+        loss_sum, grad_sum, overwrite = carry
+        key = jax.random.fold_in(step_key, mb[2])
+        loss, (grads, new) = grad_fn(state.params, state.overwrite, mb[0], mb[1], key)
         grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+        overwrite = jax.tree.map(jnp.maximum, overwrite, new)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads), overwrite), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    (loss, grads), _ = jax.lax.scan(
-        accumulate, (jnp.zeros((), jnp.float32), zeros), (split(inputs), split(targets))
+    no_amax = jax.tree.map(jnp.zeros_like, state.overwrite)
+    (loss, grads, overwrite), _ = jax.lax.scan(
+        accumulate,
+        (jnp.zeros((), jnp.float32), zeros, no_amax),
+        (split(inputs), split(targets), jnp.arange(grad_accum_steps)),
     )
     loss, grads = loss / grad_accum_steps, jax.tree.map(lambda g: g / grad_accum_steps, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new_state = TrainState(
+        step=state.step + 1, params=params, opt_state=opt_state, overwrite=overwrite
+    )
+    return new_state, metrics
 
 
 def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> LlamaConfig:
@@ -200,6 +240,17 @@ class Trainer:
         if c.quant.qat not in QAT_RECIPES:
             raise ValueError(
                 f"config.quant.qat={c.quant.qat!r}: expected one of {list(QAT_RECIPES)}."
+            )
+        train_recipe = c.quant.get("train", "")
+        if train_recipe and train_recipe not in training_lib.TRAINING_RECIPES:
+            raise ValueError(
+                f"config.quant.train={train_recipe!r}: expected '' or one of "
+                f"{list(training_lib.TRAINING_RECIPES)}."
+            )
+        if train_recipe and c.quant.qat:
+            raise ValueError(
+                f"config.quant.qat={c.quant.qat!r} and config.quant.train={train_recipe!r}: "
+                "a training recipe quantizes the forward pass itself; set one of them."
             )
         self.mesh = partitioning.make_mesh(partitioning.MeshConfig(**c.mesh.to_dict()))
         train_text = load_text("train", c.data.path or None)
@@ -230,7 +281,7 @@ class Trainer:
         self.bytes_per_token = self.tokenizer.bytes_per_token(valid_text)
         if not pretrained:
             self.model_config = model_config(c, self.tokenizer.vocab_size)
-        rules = QAT_RECIPES[c.quant.qat]
+        rules = QAT_RECIPES[c.quant.qat] or train_rules(train_recipe, self.model_config.num_layers)
         self.float_model = Llama(self.model_config)
         self.model = (
             Llama(self.model_config, QuantConfig(mode="qat", rules=rules))
@@ -252,13 +303,18 @@ class Trainer:
         param_shardings = partitioning.state_shardings(abstract, self.mesh)["params"]
 
         def init(key, pretrained=None):
-            params = nn.unbox(self.model.init(key, sample))["params"]
+            variables = nn.unbox(self.model.init(key, sample))
+            params = variables["params"]
+            overwrite = variables.get(training_lib.OVERWRITE_COLLECTION, {})
             if pretrained is not None:  # the loaded weights; a QAT model's own quantizer
                 flat = traverse_util.flatten_dict(params)  # params (if any) keep their init
                 flat.update(traverse_util.flatten_dict(pretrained))
                 params = traverse_util.unflatten_dict(flat)
             return TrainState(
-                step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params)
+                step=jnp.zeros((), jnp.int32),
+                params=params,
+                opt_state=self.optimizer.init(params),
+                overwrite=overwrite,
             )
 
         abstract_state = jax.eval_shape(init, key)
@@ -267,7 +323,10 @@ class Trainer:
         )
         replicated = NamedSharding(self.mesh, P())
         self.state_shardings = TrainState(
-            step=replicated, params=param_shardings, opt_state=opt_shardings
+            step=replicated,
+            params=param_shardings,
+            opt_state=opt_shardings,
+            overwrite=jax.tree.map(lambda _: replicated, abstract_state.overwrite),
         )
         self._init = jax.jit(init, out_shardings=self.state_shardings)
         self.abstract_state = jax.tree.map(
@@ -280,6 +339,7 @@ class Trainer:
             model=self.model,
             optimizer=self.optimizer,
             grad_accum_steps=c.train.grad_accum_steps,
+            seed=c.seed,
         )
         batch_shardings = {"inputs": self.batch_sharding, "targets": self.batch_sharding}
         self._step = jax.jit(
@@ -408,9 +468,11 @@ class Trainer:
             max_batches=c.eval.max_batches or None,
         )
 
-    def evaluate(self, params) -> list[evaluator_lib.EvalResult]:
+    def evaluate(self, params, overwrite=None) -> list[evaluator_lib.EvalResult]:
         """Float, every variant of ``config.eval.variants`` frozen with RTN, and, after QAT,
-        the QAT recipe itself frozen and served (``qat_int8``: weights and activations)."""
+        the QAT recipe itself frozen and served (``qat_int8``: weights and activations); after
+        training with a recipe (``config.quant.train``), the model with the recipe's quantized
+        forward pass (its amax histories ``overwrite`` for delayed scaling)."""
         variants = evaluator_lib.default_variants()
         names = [v for v in self.config.eval.variants.split(",") if v]
         unknown = [n for n in names if n not in variants]
@@ -419,7 +481,16 @@ class Trainer:
         chosen = {n: variants[n] for n in names}
         if self.config.quant.qat:
             chosen[f"qat_{self.config.quant.qat}"] = QAT_RECIPES[self.config.quant.qat]
-        return self.evaluator().compare(params, chosen)
+        evaluator = self.evaluator()
+        results = evaluator.compare(params, chosen)
+        recipe = self.config.quant.get("train", "")
+        if recipe:
+            variables = {"params": nn.unbox(params)}
+            if overwrite:
+                variables[training_lib.OVERWRITE_COLLECTION] = overwrite
+            result = evaluator.evaluate(variables, model=self.model, name=f"{recipe} forward")
+            results.insert(1, result)
+        return results
 
 
 def _opt_state_shardings(opt_state, params, param_shardings, mesh):
@@ -457,7 +528,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """Trains (resuming from ``workdir``), then prints the float-vs-quantized table."""
     trainer = Trainer(config, workdir)
     state, _ = trainer.train()
-    results = trainer.evaluate(state.params)
+    results = trainer.evaluate(state.params, state.overwrite)
     if config.optim.get("averaging", ""):
         averaged = optim.averaged_params(state.opt_state)
         name = f"float ({config.optim.averaging} average)"
@@ -473,7 +544,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
     trainer = Trainer(config, workdir)
     with trainer.checkpoint_manager() as manager:
         params, _ = trainer.initial_params(manager, "eval")
-    results = trainer.evaluate(params)
+        overwrite = None
+        if manager.latest_step() is not None:
+            overwrite = trainer.restore_or_init(manager).overwrite
+    results = trainer.evaluate(params, overwrite)
     if jax.process_index() == 0:
         print(evaluator_lib.format_table(results))
     return results

@@ -178,6 +178,38 @@ def test_qat_trains_and_the_evaluator_reports_every_variant(tmp_path):
     assert [s for s, _ in events["train/loss"]] == list(range(1, 7))
 
 
+def test_fp8_delayed_histories_shard_checkpoint_and_resume_exactly(tmp_path):
+    """--config.quant.train=fp8_delayed: the amax histories live in the train state (replicated
+    over a 2x2x2 mesh, each amax a max over the whole sharded tensor), are checkpointed and
+    restored bit-exactly, and a run interrupted at step 3 resumes to the same losses."""
+    cfg = _config(**{"quant.train": "fp8_delayed"})
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+    state, losses = trainer.Trainer(cfg, tmp_path / "full").train()
+    hist = state.overwrite["layers_0"]["mlp"]["up"]["kernel_amax_history"]
+    assert hist["forward_lhs"].sharding.is_fully_replicated
+    assert np.all(np.asarray(hist["forward_lhs"][:6]) > 0)  # one amax per step, newest first
+    assert np.all(np.asarray(hist["forward_lhs"][6:]) == 0)
+    _assert_restores_bit_exactly(cfg, tmp_path / "full", state)
+    _, first = trainer.Trainer(cfg, tmp_path / "part").train(stop_at=3)
+    _, rest = trainer.Trainer(cfg, tmp_path / "part").train()
+    assert first + rest == losses
+    # pure data parallel: the same histories up to the sharded sums' order
+    dp, dp_losses = trainer.Trainer(
+        _config(**{"quant.train": "fp8_delayed"}), tmp_path / "dp"
+    ).train()
+    np.testing.assert_allclose(dp_losses, losses, rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(dp.overwrite), jax.tree.leaves(state.overwrite), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5)
+
+
+def test_quartet_trains_and_reports_its_quantized_forward(tmp_path):
+    # 4 KV heads of 8: the K/V projections' 32 outputs take Hadamard blocks of 32
+    cfg = _config(**{"quant.train": "mxfp4_quartet", "model.num_kv_heads": 4})
+    results = trainer.train_and_evaluate(cfg, tmp_path)
+    assert [r.name for r in results] == ["float", "mxfp4_quartet forward", "int8"]
+    assert all(np.isfinite(r.loss) for r in results)
+
+
 def test_bad_config_values_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="grad_accum_steps"):
         trainer.Trainer(_config(**{"train.grad_accum_steps": 3}), tmp_path)
@@ -185,6 +217,10 @@ def test_bad_config_values_get_clear_errors(tmp_path):
     cfg.quant.qat = "int3"
     with pytest.raises(ValueError, match="config.quant.qat='int3'"):
         trainer.Trainer(cfg, tmp_path)
+    with pytest.raises(ValueError, match="config.quant.train='fp6'"):
+        trainer.Trainer(_config(**{"quant.train": "fp6"}), tmp_path)
+    with pytest.raises(ValueError, match="set one of them"):
+        trainer.Trainer(_config(**{"quant.train": "fp8", "quant.qat": "int8"}), tmp_path)
     with pytest.raises(ValueError, match="unknown config argument"):
         shakespeare_tiny.get_config("fast")
 
