@@ -42,7 +42,8 @@ Emulation: every product is computed on dequantized values in f32 (``'emulated'`
 backend. ``'native'`` computes products of FP8 operands with per-tensor or per-row scales
 as an FP8 ``dot_general`` (scales applied to the f32 result) and block-scaled FP8/FP4 operands
 with ``jax.nn.scaled_matmul`` (cuDNN's MXFP8/NVFP4 GEMMs on Blackwell); ``None`` picks native
-on GPU and emulated elsewhere. The emulated path is the native one's reference.
+FP8 on NVIDIA GPUs, native block-scaled products on Blackwell, and emulated elsewhere. The
+emulated path is the native one's reference.
 
 References:
   Castro et al., "Quartet: Native FP4 Training Can Be Optimal for Large Language Models",
@@ -259,7 +260,8 @@ class TrainingRecipe:
       forward, grad_input, grad_weight: the products (module docstring).
       x_source, w_source: what ``grad_weight`` reads for ``x`` and ``grad_input`` for ``w``:
         ``'float'`` or ``'forward'`` (module docstring).
-      implementation: ``'emulated'``, ``'native'`` or None (native on GPU).
+      implementation: ``'emulated'``, ``'native'`` or None: native FP8 products on NVIDIA
+        GPUs, native block-scaled ones where cuDNN has them (Blackwell), emulated elsewhere.
     """
 
     name: str
@@ -554,8 +556,10 @@ def _product(recipe_q, ops, axes, implementation) -> jax.Array:
     """The product of two operands (each a ``QuantizedOperand`` or a float array) along
     their contraction axes: ``[rows of lhs, rows of rhs]``."""
     (lq, rq), (lop, rop), (la, ra) = recipe_q, ops, axes
-    if implementation == "native" and _native_ok(lq) and _native_ok(rq):
-        return _product_native(lq, lop, la, rq, rop, ra)
+    if implementation != "emulated" and _native_ok(lq) and _native_ok(rq):
+        block_scaled = any(q.granularity in ("block", "tile") for q in (lq, rq))
+        if implementation == "native" or _native_by_default(block_scaled):
+            return _product_native(lq, lop, la, rq, rop, ra)
     lhs = lop.dequantize() if isinstance(lop, QuantizedOperand) else lop
     rhs = rop.dequantize() if isinstance(rop, QuantizedOperand) else rop
     return lax.dot_general(
@@ -568,9 +572,21 @@ def _product(recipe_q, ops, axes, implementation) -> jax.Array:
 
 
 def _pick_implementation(recipe: TrainingRecipe) -> str:
-    if recipe.implementation is not None:
-        return recipe.implementation
-    return "native" if jax.default_backend() == "gpu" else "emulated"
+    return recipe.implementation or "auto"
+
+
+def _native_by_default(block_scaled: bool) -> bool:
+    """``implementation=None``: FP8 products natively on any NVIDIA GPU, block-scaled FP4/FP8
+    ones only where cuDNN has block-scaled GEMMs (Blackwell, compute capability >= 10)."""
+    if jax.default_backend() != "gpu":
+        return False
+    if not block_scaled:
+        return True
+    capability = getattr(jax.devices()[0], "compute_capability", "0")
+    try:
+        return float(capability) >= 10
+    except ValueError:
+        return False
 
 
 def _keys(key, recipe):
