@@ -33,7 +33,9 @@ Terminology (``y = x @ w``, ``x`` [M, K], ``w`` [K, N], ``g = dL/dy`` [M, N]):
                   are inputs of ``train_matmul`` whose "gradients" are the updated histories
                   (Flax's ``'_overwrite_with_gradient'`` convention): a trainer replaces them
                   with their gradient rather than stepping. A history of zeros (the first step)
-                  falls back to the current amax.
+                  falls back to the current amax. One history per ``train_matmul`` call: a
+                  weight applied twice in one step would receive the sum of two rolled
+                  histories (the trainer takes the max over microbatches, not over calls).
   source:         what the backward products read for ``x`` and ``w``: ``'float'`` (the
                   operand, after the forward rotation) or ``'forward'`` (the forward's
                   dequantized operand; with no backward quantizer it is used as is).
@@ -589,7 +591,8 @@ def _native_by_default(block_scaled: bool) -> bool:
         return False
 
 
-def _keys(key, recipe):
+def _keys(key):
+    """One key per product (None without a key)."""
     if key is None:
         return {p: None for p in PRODUCTS}
     ks = jax.random.split(key, 3)
@@ -631,7 +634,6 @@ def _backward(g, saved, key, histories, recipe, implementation):
     x, w, xq, wq = saved
     g = g.astype(jnp.float32)
     amaxes = {}
-    grads = []
     # grad_input: dx = g @ wᵀ, contracting N (axis 1 of g and of w)
     p = recipe.grad_input
     k_signs, kl, kr = _split(key["grad_input"], 3)
@@ -681,8 +683,7 @@ def _backward(g, saved, key, histories, recipe, implementation):
     if f.rotation:
         dx = unrotate(dx, 1, f.rotation)
         dw = unrotate(dw, 0, f.rotation)
-    grads = (dx, dw)
-    return grads, amaxes
+    return (dx, dw), amaxes
 
 
 def _roll(history: jax.Array, amax: jax.Array) -> jax.Array:
@@ -692,12 +693,12 @@ def _roll(history: jax.Array, amax: jax.Array) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _train_matmul(x, w, key, histories, recipe, implementation):
-    keys = _keys(key, recipe)
+    keys = _keys(key)
     return _forward(x, w, keys["forward"], histories, recipe, implementation)[0]
 
 
 def _train_matmul_fwd(x, w, key, histories, recipe, implementation):
-    keys = _keys(key, recipe)
+    keys = _keys(key)
     y, saved = _forward(x, w, keys["forward"], histories, recipe, implementation)
     fwd_amax = {}
     _, _, xq, wq = saved
