@@ -183,9 +183,14 @@ def test_fp8_delayed_histories_shard_checkpoint_and_resume_exactly(tmp_path):
     (replicated over a 2x2x2 mesh; each amax is a max over the whole sharded tensor:
     tests/numerics/test_training.py), are checkpointed and restored bit-exactly (so a resumed
     run continues exactly: see _assert_restores_bit_exactly)."""
-    cfg = _config(**{"quant.train": "fp8_delayed"})
+    cfg = _config(**{"quant.train": "fp8_delayed", "eval.variants": "", "eval.max_batches": 2})
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
-    state, losses = trainer.Trainer(cfg, tmp_path / "full").train()
+    t = trainer.Trainer(cfg, tmp_path / "full")
+    state, losses = t.train()
+    # the evaluation adds the model with its quantized forward (reading the histories)
+    results = t.evaluate(state.params, state.overwrite)
+    assert [r.name for r in results] == ["float", "fp8_delayed forward"]
+    assert results[0].loss != results[1].loss
     hist = state.overwrite["layers_0"]["mlp"]["up"]["kernel_amax_history"]
     assert hist["forward_lhs"].sharding.is_fully_replicated
     assert np.all(np.asarray(hist["forward_lhs"][:6]) > 0)  # one amax per step, newest first
@@ -194,6 +199,7 @@ def test_fp8_delayed_histories_shard_checkpoint_and_resume_exactly(tmp_path):
     _assert_restores_bit_exactly(cfg, tmp_path / "full", state)
 
 
+@pytest.mark.slow  # the trainer's recipe path: the fp8_delayed test; the rng stream: tests/nn
 def test_quartet_trains_and_reports_its_quantized_forward(tmp_path):
     """A recipe that draws random signs trains (its keys from the 'train_recipe' stream) and
     the evaluation adds the model with its quantized forward."""
