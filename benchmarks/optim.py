@@ -20,16 +20,16 @@ moment costs what: ``benchmarks/optim_ablation.py``.
 """
 
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+from timing import round_robin_step_times  # noqa: E402
 
 from jaxquant import optim  # noqa: E402
 from jaxquant.train import trainer as trainer_lib  # noqa: E402
@@ -87,26 +87,9 @@ def train(base, name):
 
 
 def step_times(base, names):
-    runs = {}
     with tempfile.TemporaryDirectory() as workdir:
-        for name in names:
-            t = _trainer(base, name, _STEPS.value, os.path.join(workdir, name))
-            state = t.init_state()
-            for _ in range(3):  # compile, warm up
-                state, _ = t.step(state, next(t.data))
-            jax.block_until_ready(state)
-            runs[name] = [t, state, []]
-        for _ in range(max(1, _TIMING.value // 10)):
-            for name in names:
-                t, state, blocks = runs[name]
-                batches = [next(t.data) for _ in range(10)]
-                t0 = time.perf_counter()
-                for b in batches:
-                    state, _ = t.step(state, b)
-                jax.block_until_ready(state)
-                blocks.append((time.perf_counter() - t0) / 10)
-                runs[name][1] = state
-    return {name: statistics.median(r[2]) for name, r in runs.items()}
+        trainers = {n: _trainer(base, n, _STEPS.value, os.path.join(workdir, n)) for n in names}
+        return round_robin_step_times(trainers, _TIMING.value)
 
 
 def main(argv):

@@ -28,11 +28,11 @@ Parts:
 
 import json
 import os
-import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
 import dataclasses  # noqa: E402
 
@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import traverse_util  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+from timing import round_robin_step_times  # noqa: E402
 
 from jaxquant.numerics import training as T  # noqa: E402
 from jaxquant.train import trainer as trainer_lib  # noqa: E402
@@ -74,16 +75,6 @@ VARIANTS = {
 PAPER_MSE = {"sr_absmax": 2.77e-2, "rtn_absmax": 1.37e-2, "quest": 1.32e-2}
 
 
-def gaussian_mse(op, n_scales=64, rows=16384, seed=0):
-    x = jax.random.normal(jax.random.key(seed), (rows, 32), jnp.float32)
-    f = jax.jit(lambda x, key: T.quantize_operand(x, op, 1, key=key).dequantize())
-    out = []
-    for i, u in enumerate(np.arange(n_scales) / n_scales):
-        y = x * 2.0**u
-        out.append(float(jnp.mean((f(y, jax.random.key(i)) - y) ** 2)) / 4.0**u)
-    return float(np.mean(out))
-
-
 def part_mse():
     base = T.QUARTET_TRAIN.grad_input.lhs
     quest = T.QUARTET_TRAIN.forward.lhs
@@ -96,7 +87,7 @@ def part_mse():
     print("| quantizer | Gaussian MSE | paper | ratio |")
     print("|---|---:|---:|---:|")
     for name, op in rows.items():
-        mse = gaussian_mse(op)
+        mse = T.gaussian_mse(op)
         paper = PAPER_MSE.get(name.split(" ")[0] if "floor" not in name else "quest")
         print(f"| {name} | {mse:.3e} | {paper:.2e} | {mse / paper:.3f} |", flush=True)
 
@@ -227,25 +218,8 @@ def part_cosine():
 
 def part_time():
     names = _VARIANTS.value
-    runs = {}
-    for name in names:
-        t = _trainer(_CONFIG.value, name, 10**6, f"/tmp/jaxquant_time_{name}")
-        state = t.init_state()
-        for _ in range(3):
-            state, _ = t.step(state, next(t.data))
-        jax.block_until_ready(state)
-        runs[name] = [t, state, []]
-    for _ in range(max(1, _TIMING.value // 10)):
-        for name in names:
-            t, state, blocks = runs[name]
-            batches = [next(t.data) for _ in range(10)]
-            t0 = time.perf_counter()
-            for b in batches:
-                state, _ = t.step(state, b)
-            jax.block_until_ready(state)
-            blocks.append((time.perf_counter() - t0) / 10)
-            runs[name][1] = state
-    times = {name: statistics.median(r[2]) for name, r in runs.items()}
+    trainers = {n: _trainer(_CONFIG.value, n, 10**6, f"/tmp/jaxquant_time_{n}") for n in names}
+    times = round_robin_step_times(trainers, _TIMING.value)
     ref = names[0]
     print(f"{jax.device_count()} {jax.default_backend()} device(s), {jax.devices()[0].device_kind}")
     print(f"| variant | step ms | vs {ref} |")

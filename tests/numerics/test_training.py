@@ -107,18 +107,6 @@ def test_quest_matches_the_quartet_formula(how):
     assert np.mean(np.asarray(q.mask_2d()) != mask) <= 32 / x.size
 
 
-def _gaussian_mse(op, n_scales=64, rows=8192):
-    """MSE / sigma² on Gaussian blocks of 32, averaged over log2(sigma) uniform in [0, 1)
-    (E8M0 scales make the error periodic in log2 sigma)."""
-    x = _normal(5, (rows, 32))
-    f = jax.jit(lambda x, key: T.quantize_operand(x, op, 1, key=key).dequantize())
-    out = []
-    for i, u in enumerate(np.arange(n_scales) / n_scales):
-        y = x * 2.0**u
-        out.append(float(jnp.mean((f(y, jax.random.key(i)) - y) ** 2)) / 4.0**u)
-    return float(np.mean(out))
-
-
 @pytest.mark.parametrize(
     "name, paper",
     [("sr_absmax", 2.77e-2), ("rtn_absmax", 1.37e-2), ("quest", 1.32e-2)],
@@ -134,7 +122,7 @@ def test_forward_quantizers_reproduce_quartets_gaussian_mse_table(name, paper):
         "rtn_absmax": base,
         "quest": T.QUARTET_TRAIN.forward.lhs,
     }[name]
-    mse = _gaussian_mse(op, n_scales=32, rows=8192)
+    mse = T.gaussian_mse(op, n_scales=32, rows=8192)
     assert abs(mse / paper - 1) < 0.03, (name, mse)
 
 
@@ -142,7 +130,7 @@ def test_the_paper_codes_floored_quest_scale_clips_harder():
     """The Quartet kernel floors QuEST's scale to a power of two: the clip falls to between
     1.46 and 2.92 sigma, and the Gaussian MSE is far above the table's 1.32e-2 (BENCHMARKS.md)."""
     floor = dataclasses.replace(T.QUARTET_TRAIN.forward.lhs, quest_scale="floor")
-    assert _gaussian_mse(floor, n_scales=8, rows=8192) > 1.8e-2
+    assert T.gaussian_mse(floor, n_scales=8, rows=8192) > 1.8e-2
 
 
 @pytest.mark.parametrize("scale_rounding", ["up", "nearest"])
