@@ -264,6 +264,9 @@ class TrainingRecipe:
         ``'float'`` or ``'forward'`` (module docstring).
       implementation: ``'emulated'``, ``'native'`` or None: native FP8 products on NVIDIA
         GPUs, native block-scaled ones where cuDNN has them (Blackwell), emulated elsewhere.
+        Native applies to products whose two operands are quantized to FP8 or FP4 (every
+        product of the built-in recipes); a product with a float operand, or another format,
+        is computed emulated under any setting.
     """
 
     name: str
