@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo rate-distortion test lint clean
+.PHONY: demo rate-distortion test lint colabs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ rate-distortion: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=15 -q
+
+# The notebooks' .py files (jupytext percent format) are the source: rewrite each .ipynb from
+# its .py, without outputs (tests/test_colabs.py checks the pairs).
+colabs: $(STAMP)
+	$(VENV)/bin/jupytext --to ipynb colabs/[0-9]*.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -2,6 +2,19 @@
 
 import os
 
+# Each pytest-xdist worker on its own CPUs (worker i of n: every n-th CPU this process may use),
+# before jax starts its thread pools: two multi-threaded XLA processes sharing two cores
+# preempt each other's pool threads at every handoff, and small jitted steps in a loop run
+# several times slower than with a core each. Threads and subprocesses inherit the mask.
+_worker, _workers = (
+    os.environ.get("PYTEST_XDIST_WORKER"),
+    os.environ.get("PYTEST_XDIST_WORKER_COUNT"),
+)
+if _worker and _workers and hasattr(os, "sched_getaffinity"):
+    _cpus = sorted(os.sched_getaffinity(0))
+    if int(_workers) <= len(_cpus):
+        os.sched_setaffinity(0, _cpus[int(_worker.removeprefix("gw")) :: int(_workers)])
+
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()

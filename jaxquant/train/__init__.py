@@ -30,6 +30,7 @@ from jaxquant.train.trainer import (
     TrainState,
     evaluate_checkpoint,
     train_and_evaluate,
+    train_rules,
 )
 
 __all__ = [
@@ -52,4 +53,5 @@ __all__ = [
     "read_scalars",
     "state_shardings",
     "train_and_evaluate",
+    "train_rules",
 ]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jaxquant.numerics as jn
@@ -26,6 +27,21 @@ def test_rows_recompute_from_quantize_and_the_shannon_bound():
         assert row["gap_bits"] == pytest.approx(0.5 * math.log2(row["mse"] / row["shannon_mse"]))
 
 
+def test_measure_rows_takes_any_data_and_quantizers_or_their_names():
+    # a skewed, non-Gaussian matrix with an awkward column count; a name and a Quantizer
+    x = jnp.asarray(np.random.default_rng(3).exponential(size=(96, 7)), jnp.float32)
+    rows = rd.measure_rows(x, ["int4_g32", jn.INT8])
+    assert [r["format"] for r in rows] == ["int4_g32", jn.INT8.name]
+    for row, quantizer in zip(rows, [jn.get_quantizer("int4_g32"), jn.INT8], strict=True):
+        q = jn.quantize(x, quantizer)
+        mse = float(np.mean((np.asarray(q.dequantize(), np.float64) - np.asarray(x)) ** 2))
+        assert row["bits_per_weight"] == q.bits_per_weight
+        assert row["mse"] == pytest.approx(mse, rel=1e-5)
+        assert row["gap_bits"] == pytest.approx(
+            0.5 * math.log2(mse / 2 ** (-2 * q.bits_per_weight)), rel=1e-5
+        )
+
+
 def test_no_scalar_format_beats_the_shannon_bound():
     for row in rd.rate_distortion_rows(shape=(256, 64)):
         assert row["mse"] > row["shannon_mse"], row  # a quantizer below D(R) would be a bug
@@ -34,7 +50,14 @@ def test_no_scalar_format_beats_the_shannon_bound():
 
 def test_cli_prints_json_for_every_preset():
     out = subprocess.run(
-        [sys.executable, "-m", "jaxquant.eval.rate_distortion", "--json", "--novq"],
+        [
+            sys.executable,
+            "-m",
+            "jaxquant.eval.rate_distortion",
+            "--json",
+            "--novq",
+            "--shape=256,64",
+        ],
         capture_output=True,
         text=True,
         check=True,

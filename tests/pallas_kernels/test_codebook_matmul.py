@@ -307,9 +307,21 @@ def _lowering_case(vector_dim, index_bits, m):
     return specs, kwargs
 
 
-@pytest.mark.parametrize("m", [8, 256])
-@pytest.mark.parametrize("index_bits", range(4, tpu.MAX_INDEX_BITS + 1))
-@pytest.mark.parametrize("vector_dim", reference.VECTOR_DIMS)
+def _lowering_grid(index_bits):
+    """(vector_dim, index_bits, m) for every vector_dim × index_bits × m. The default run
+    keeps a third of them (every vector_dim with every m, and every index_bits with every m,
+    several times each: what the kernels' code depends on); the slow run lowers them all."""
+    return [
+        pytest.param(d, b, m, marks=() if (d + b + (m == 256)) % 3 == 0 else pytest.mark.slow)
+        for d in reference.VECTOR_DIMS
+        for b in index_bits
+        for m in (8, 256)
+    ]
+
+
+@pytest.mark.parametrize(
+    "vector_dim,index_bits,m", _lowering_grid(range(4, tpu.MAX_INDEX_BITS + 1))
+)
 def test_tpu_kernel_lowers_for_tpu(vector_dim, index_bits, m):
     specs, kwargs = _lowering_case(vector_dim, index_bits, m)
     blocks = dict(block_m=api.TPU_BLOCK_M, block_n=api.TPU_BLOCK_N, block_k=api.TPU_BLOCK_K)
@@ -318,9 +330,7 @@ def test_tpu_kernel_lowers_for_tpu(vector_dim, index_bits, m):
     assert exported.mlir_module().count("tpu_custom_call") == 1
 
 
-@pytest.mark.parametrize("m", [8, 256])
-@pytest.mark.parametrize("index_bits", reference.INDEX_BITS)
-@pytest.mark.parametrize("vector_dim", reference.VECTOR_DIMS)
+@pytest.mark.parametrize("vector_dim,index_bits,m", _lowering_grid(reference.INDEX_BITS))
 def test_gpu_kernel_lowers_for_cuda(vector_dim, index_bits, m):
     specs, kwargs = _lowering_case(vector_dim, index_bits, m)
     blocks = dict(block_m=api.GPU_BLOCK_M, block_n=api.GPU_BLOCK_N, block_k=api.GPU_BLOCK_K)

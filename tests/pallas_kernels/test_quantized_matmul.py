@@ -465,9 +465,25 @@ def _lowering_specs(case, m, dtype):
     )
 
 
-@pytest.mark.parametrize("case", _LOWERING_CASES, ids=lambda c: "-".join(map(str, c[:4])))
-@pytest.mark.parametrize("m", [8, 256])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def _lowering_grid():
+    """(case, m, dtype) for every case × m × activation dtype. The default run keeps two of
+    the four (m, dtype) pairs per case, alternating, so every case lowers with both m and both
+    dtypes; the slow run lowers them all."""
+    return [
+        pytest.param(
+            case,
+            m,
+            dtype,
+            id="-".join(map(str, (*case[:4], m, jnp.dtype(dtype).name))),
+            marks=() if (i + j + k) % 2 == 0 else pytest.mark.slow,
+        )
+        for i, case in enumerate(_LOWERING_CASES)
+        for j, m in enumerate((8, 256))
+        for k, dtype in enumerate((jnp.float32, jnp.bfloat16))
+    ]
+
+
+@pytest.mark.parametrize("case,m,dtype", _lowering_grid())
 def test_tpu_kernel_lowers_for_tpu(case, m, dtype):
     blocks = dict(block_m=api.TPU_BLOCK_M, block_n=api.TPU_BLOCK_N, block_k=api.TPU_BLOCK_K)
     f = _lowering_fn(tpu.quantized_matmul_tpu, case, blocks)
@@ -475,9 +491,7 @@ def test_tpu_kernel_lowers_for_tpu(case, m, dtype):
     assert exported.mlir_module().count("tpu_custom_call") == 1
 
 
-@pytest.mark.parametrize("case", _LOWERING_CASES, ids=lambda c: "-".join(map(str, c[:4])))
-@pytest.mark.parametrize("m", [8, 256])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case,m,dtype", _lowering_grid())
 def test_gpu_kernel_lowers_for_cuda(case, m, dtype):
     blocks = dict(block_m=api.GPU_BLOCK_M, block_n=api.GPU_BLOCK_N, block_k=api.GPU_BLOCK_K)
     f = _lowering_fn(gpu.quantized_matmul_gpu, case, blocks)

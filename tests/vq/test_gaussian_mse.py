@@ -40,11 +40,17 @@ def test_the_figures_cover_every_method_of_the_report():
 
 
 # The 256-state trellises' Viterbi takes 7-10 s each: slow run (their codes are tested in
-# test_trellis.py, their figures by the rate-distortion report).
+# test_trellis.py, their figures by the rate-distortion report). So are the other rates of a
+# family whose code one rate already runs (scalar and 2-D k-means, Pyramid VQ).
+_SLOW_RATES = ("kmeans_d1_b3", "kmeans_d1_b4", "kmeans_d2_b6", "pvq_n8_k6_b1", "pvq_n8_k24_b4")
+
+
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(m, marks=pytest.mark.slow) if m.startswith("trellis") else m
+        pytest.param(m, marks=pytest.mark.slow)
+        if m.startswith("trellis") or m in _SLOW_RATES
+        else m
         for m in FIGURES
         if m not in FULL_SAMPLE
     ],

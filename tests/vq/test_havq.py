@@ -61,7 +61,8 @@ def test_havq_equals_a_float64_numpy_block_ldlq(d, bits):
     "recipe",
     [
         VQ(format=KMeans(2, 4)),
-        VQ(format=KMeans(4, 8), group_size=32),
+        # grouped scales: as the other k-means cases, plus the scale refit per group
+        pytest.param(VQ(format=KMeans(4, 8), group_size=32), marks=pytest.mark.slow),
         VQ(format=KMeans(2, 5), rotate=True),
         VQ(format=KMeans(1, 2), codebook_groups=2),
     ],

@@ -484,8 +484,9 @@ def _layer_hessian(k, seed):
     "name,shape",
     [
         ("e8p2_rht", (64, 3, 8)),
-        ("kmeans_d2_b6", (48, 5, 3)),  # bit-packed codes, 15 columns
-        ("kmeans_d2_b4_g16_cb3", (48, 3, 4)),
+        # the same reshaping as the other two: slow run
+        pytest.param("kmeans_d2_b6", (48, 5, 3), marks=pytest.mark.slow),  # bit-packed codes
+        pytest.param("kmeans_d2_b4_g16_cb3", (48, 3, 4), marks=pytest.mark.slow),
         ("pvq_n8_k6_b1_rht_g32", (64, 2, 5)),
     ],
 )
@@ -515,7 +516,9 @@ def _auto_mesh(shape, names):
 # (quantizer name, weight shape, mesh shape, weight spec, codes split on K, codes split on N)
 # Cases in the slow run repeat a layout another case covers (replicated, or the same split).
 SHARDING_CASES = [
-    ("kmeans_d2_b6", (512, 64), (8,), ("x", None), True, False),  # bit-packed codes
+    pytest.param(  # bit-packed codes split on K: as the kmeans_d2_b6_rht case below
+        *("kmeans_d2_b6", (512, 64), (8,), ("x", None), True, False), marks=pytest.mark.slow
+    ),
     ("kmeans_d2_b6", (512, 64), (8,), (None, "x"), False, True),  # 8 codes: 6 bytes a device
     pytest.param(
         *("kmeans_d2_b6", (512, 64), (8,), (None, None), False, False), marks=pytest.mark.slow
@@ -595,7 +598,14 @@ def test_vqarray_shardings_follow_the_weight_and_round_trip(
 
 @pytest.mark.parametrize(
     "name",
-    ["e8p2_rht", "e8p3_g64", "kmeans_d2_b6", "kmeans_d4_b8_cb2", "pvq_n8_k6_b1", "trellis2_t64"],
+    [
+        "e8p2_rht",
+        "e8p3_g64",
+        pytest.param("kmeans_d2_b6", marks=pytest.mark.slow),  # k-means: as kmeans_d4_b8_cb2
+        "kmeans_d4_b8_cb2",
+        "pvq_n8_k6_b1",
+        "trellis2_t64",
+    ],
 )
 def test_the_matmul_of_a_vqarray_equals_the_dequantized_matmul(name):
     k = 256
