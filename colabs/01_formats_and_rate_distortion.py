@@ -255,9 +255,11 @@ plt.show()
 # - **Count every bit.** A "4-bit" format costs 4.25 (MXFP4, int4_g128) to 4.5 (NVFP4, NF4)
 #   bits per weight once scales are stored; `bits_per_weight` is exact.
 # - **Scalar formats waste about a bit per weight** against the Shannon bound on Gaussian data;
-#   at 4 bits the choice among int4 groups, MXFP4, NVFP4 and NF4 moves the MSE by less than 2×.
+#   among the grouped 4-bit formats (int4_g128, MXFP4, NVFP4, NF4) the MSE moves by less than
+#   2×.
 # - **Vector quantizers recover most of that bit**; with the randomized Hadamard rotation they
-#   do as well on a real, heavy-tailed matrix as on Gaussian data, where scalar formats lose
-#   more.
+#   do almost as well on a real, heavy-tailed matrix as on Gaussian data, where scalar formats
+#   lose more. At full size (576 × 1024 of the embedding, kurtosis 6.9, 3.5 after the
+#   rotation): int4_g64's MSE is 1.5× its Gaussian value, E8P's and the trellis's within 3%.
 #
 # Next: `02_quantize_your_own_flax_model` puts these quantizers into a model.

@@ -219,10 +219,11 @@ ax.set_title("Post-training quantization of the CNN")
 plt.show()
 
 # %% [markdown]
-# At 4 bits and above rounding to nearest loses nothing on this small model; at 2 bits with one
+# At 3 bits and above rounding to nearest loses nothing on this small model; at 2 bits with one
 # scale per channel it falls apart, and GPTQ, with the same format and scales, keeps close to
-# float (BENCHMARKS.md, "PTQ of a user's CNN", has every width over six seeds). Smaller groups
-# (`"int2_g32"`) help RTN too, at 1 more bit per weight.
+# float (at full size: float 0.989; int2 RTN 0.667, GPTQ 0.986). BENCHMARKS.md, "PTQ of a
+# user's CNN", has every width over six seeds. Smaller groups (`"int2_g32"`) help RTN too, at
+# 1 more bit per weight.
 #
 # What this notebook did not need: any change to the model. The same calls work on any Linen
 # model of Dense, DenseGeneral, Einsum and Conv layers; a layer jaxquant cannot quantize that a

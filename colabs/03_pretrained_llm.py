@@ -22,7 +22,7 @@
 #    quantization (QuIP#'s E8P lattice) at 2 bits, each against round-to-nearest;
 # 4. a perplexity table, and the same prompts answered by each model side by side.
 #
-# On a free Colab CPU the full size takes about 25 minutes (mostly GPTQ and VQ over 210
+# On a 2-core CPU the full size takes about 16 minutes (mostly GPTQ and VQ over 210
 # layers); a GPU runtime is faster.
 
 # %%
@@ -182,11 +182,22 @@ for name, (ppl, bits, nbytes) in table.items():
     print(f"| {name} | {ppl:.2f} | {ppl / float_ppl - 1:+.1%} | {bits:.2f} | {nbytes / 1e6:.1f} |")
 
 # %% [markdown]
-# At the full size (every layer, CPU-2, BENCHMARKS.md "Pretrained"), round-to-nearest int4
-# raises perplexity by about half while GPTQ keeps a third of that increase; at 2 bits the same
-# E8P vectors rounded to nearest destroy the model while HAVQ stays usable, better than 3-bit
-# scalar GPTQ. (The small CI run keeps only the first two blocks of the model, so its numbers
-# mean nothing.)
+# At the full size (every layer; CPU-2, 2026-12-05; 16 min in all, GPTQ 312 s and HAVQ 356 s):
+#
+# | model | perplexity | vs float | model bits/weight | model MB |
+# |---|---:|---:|---:|---:|
+# | float | 42.07 | | 32.00 | 538.1 |
+# | RTN int4_g64 | 64.35 | +53.0% | 10.30 | 173.1 |
+# | GPTQ int4_g64 | 49.45 | +17.5% | 10.30 | 173.1 |
+# | RTN e8p2_rht | 9,949 | | 8.36 | 140.6 |
+# | HAVQ e8p2_rht | 111.66 | +165% | 8.36 | 140.6 |
+#
+# GPTQ keeps a third of round-to-nearest's increase at 4 bits. At 2 bits the E8P vectors
+# rounded to nearest destroy the model and the Hessian-aware ones keep it a language model,
+# but a much worse one (with twice this calibration, BENCHMARKS.md "Pretrained" reaches 94,
+# still below 3-bit scalar GPTQ's 106). The tied embedding/head stays f32: it is most of the
+# quantized models' bytes. (The small CI run keeps only the first two blocks of the model, so
+# its numbers mean nothing.)
 #
 # ## 5. The same questions, side by side
 
@@ -200,6 +211,12 @@ for i, q in enumerate(QUESTIONS):
     print()
 
 # %% [markdown]
+# What the perplexities mean in practice, at full size: the 4-bit GPTQ model still answers the
+# first question ("The capital of France is Paris.") but drifts on the other two; the 2-bit
+# HAVQ model answers none of them (it repeats its system prompt), and the 2-bit RTN one emits
+# noise. A 135 M-parameter model has little redundancy to spend: 2-bit weights need more
+# calibration, fine-tuning, or a bigger model.
+#
 # `jaxquant.models.save_quantized(directory, served_model, variables, tokenizer=tokenizer)`
 # stores a quantized model (its codes, the rules, the tokenizer) and `load_quantized` gives it
 # back ready to serve; `train.py --config=configs/smollm2_135m.py --mode=ptq` runs the same

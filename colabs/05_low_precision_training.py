@@ -94,8 +94,9 @@ w = jax.random.normal(kw, (k, n)) / np.sqrt(k)
 g = jax.random.normal(kg, (m, n))
 
 
-def products(recipe, keys):
-    """y, dx, dw for each key (the recipes' random signs and stochastic rounding use it)."""
+def products(recipe, x, w, g, keys):
+    """y, dx, dw for each key (the recipes' random signs and stochastic rounding use it). The
+    operands are arguments, not closed-over constants, which XLA would fold at compile time."""
 
     def one(key):
         y, vjp = jax.vjp(lambda x, w: jq.train_matmul(x, w, recipe, key=key), x, w)
@@ -116,7 +117,7 @@ reference = (x @ w, g @ w.T, x.T @ g)
 keys = jax.random.split(jax.random.key(1), 4 if SMALL else 64)
 errors = {}
 for name in ("fp8", "mxfp4_quartet", "nvfp4"):
-    y, dx, dw = jax.jit(products, static_argnums=0)(jq.get_training_recipe(name), keys)
+    y, dx, dw = jax.jit(products, static_argnums=0)(jq.get_training_recipe(name), x, w, g, keys)
     errors[name] = (
         rel(y[0], reference[0]),
         rel(dx[0], reference[1]),
